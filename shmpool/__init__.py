@@ -1,0 +1,54 @@
+"""shmpool: recycle byte buffers across processes.
+
+One manager process owns POSIX shared-memory segments carved into
+power-of-two size classes and leases slots to worker processes over a Unix
+socket; workers write through a memoryview and give the slot back.
+
+    with shmpool.start(memory="1GiB") as manager:
+        pool = manager.connect()
+        with pool.acquire(100_000) as lease:
+            lease.view[:5] = b"hello"
+"""
+
+from .address import ENV_VAR
+from .buffer import Lease
+from .client import Pool, connect
+from .embedded import ManagerProcess, start
+from .errors import (
+    AccessDeniedError,
+    LeaseClosedError,
+    ManagerGoneError,
+    PoolClosedError,
+    PoolExhaustedError,
+    ProtocolError,
+    ShmpoolError,
+    StaleHandleError,
+    UsageError,
+)
+from .manager import Manager
+from .report import format_stats
+from .sizeclass import parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENV_VAR",
+    "AccessDeniedError",
+    "Lease",
+    "LeaseClosedError",
+    "Manager",
+    "ManagerGoneError",
+    "ManagerProcess",
+    "Pool",
+    "PoolClosedError",
+    "PoolExhaustedError",
+    "ProtocolError",
+    "ShmpoolError",
+    "StaleHandleError",
+    "UsageError",
+    "__version__",
+    "connect",
+    "format_stats",
+    "parse_size",
+    "start",
+]

@@ -1,0 +1,321 @@
+"""The manager's bookkeeping: classes, segments, free lists, leases, budget.
+
+Pure data structures, no I/O: memory comes from an injected ``allocate(size)``
+callable returning a ``Backing`` (something with ``fd`` and ``close()``), so
+every rule here is unit-tested without a process or a byte of shared memory.
+
+The lease state machine, per slot:
+
+    free --acquire(conn)--> leased(conn) --release(conn)--> free
+                                 \\--drop(conn)-----------/
+
+Every transition bumps the slot's *generation*, so a reference taken before a
+transition (stale generation) is refused, as is a reference to a slot held by
+another connection. ``release`` checks every reference in a batch before it
+frees any, so a bad batch changes nothing. Per class,
+``total == free + leased`` always.
+
+Oversize requests (above ``max_size``) get a segment of their own holding one
+slot; it is destroyed when released, so its memory goes back to the budget at
+once. Class segments are kept for reuse once made.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import PoolExhaustedError, StaleHandleError
+from .protocol import MAX_BATCH, MAX_FDS, SegmentInfo, SlotRef
+from .sizeclass import Classes, format_size
+
+__all__ = ["DEFAULT_SEGMENT_BYTES", "Arena", "Backing", "Grant"]
+
+#: Small classes pack slots into segments of about this many bytes.
+DEFAULT_SEGMENT_BYTES = 4 << 20
+#: Oversize segments are rounded up to whole pages, not to a power of two.
+PAGE = 4096
+
+
+class Backing(Protocol):
+    """The memory behind a segment, as the arena sees it."""
+
+    fd: int
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Segment:
+    id: int
+    size: int
+    slot_size: int
+    backing: Backing
+    cls: _Class | None  # None for an oversize segment
+    holders: list[int] = field(default_factory=list)  # conn id per slot, 0 = free
+    generations: list[int] = field(default_factory=list)
+
+    @property
+    def nslots(self) -> int:
+        return len(self.holders)
+
+    def info(self) -> SegmentInfo:
+        return SegmentInfo(self.id, self.size, self.slot_size)
+
+
+@dataclass(eq=False)
+class _Class:
+    slot_size: int
+    per_segment: int
+    free: list[tuple[Segment, int]] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    total: int = 0
+    leased: int = 0
+
+
+@dataclass(eq=False)
+class _Conn:
+    id: int
+    pid: int
+    name: str
+    held: set[tuple[int, int]] = field(default_factory=set)
+    known: set[int] = field(default_factory=set)  # segment ids this client has mapped
+    messages: int = 0
+    manager_acquires: int = 0
+    cache_hits: int = 0
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What ``Arena.acquire`` hands out: slots, and segments new to the client."""
+
+    slot_size: int
+    slots: list[SlotRef]
+    segments: list[SegmentInfo]
+    fds: list[int]
+
+
+class Arena:
+    """Slots, leases and the memory budget of one manager."""
+
+    def __init__(
+        self,
+        classes: Classes,
+        memory: int,
+        allocate: Callable[[int], Backing],
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    ) -> None:
+        self.classes = classes
+        self.memory = memory
+        self._allocate = allocate
+        self._classes = [_Class(size, max(1, segment_bytes // size)) for size in classes.sizes()]
+        self._segments: dict[int, Segment] = {}
+        self._conns: dict[int, _Conn] = {}
+        self._ids = itertools.count(1)
+        self.mapped = 0
+        self.oversize_leases = 0
+        self.oversize_bytes = 0
+
+    # ------------------------------------------------------------ connections
+
+    def add_conn(self, conn: int, pid: int, name: str = "") -> None:
+        if conn in self._conns or conn <= 0:
+            raise ValueError(f"connection id {conn} is taken or invalid")
+        self._conns[conn] = _Conn(conn, pid, name)
+
+    def drop_conn(self, conn: int) -> int:
+        """Forget a connection and return every slot it held; returns how many."""
+        c = self._conns.pop(conn, None)
+        if c is None:
+            return 0
+        for seg_id, index in list(c.held):
+            self._free(self._segments[seg_id], index, c)
+        return len(c.held)
+
+    def note_message(self, conn: int, cache_hits: int | None = None) -> None:
+        c = self._conns[conn]
+        c.messages += 1
+        if cache_hits is not None:
+            c.cache_hits = cache_hits
+
+    def held_by(self, conn: int) -> int:
+        return len(self._conns[conn].held)
+
+    # ------------------------------------------------------------------ leases
+
+    def acquire(self, conn: int, size: int, count: int = 1) -> Grant:
+        """Lease up to ``count`` slots fitting ``size`` bytes to ``conn``.
+
+        Grants at least one slot, or raises ``PoolExhaustedError``. Fewer than
+        ``count`` come back when the budget allows no more, or when more would
+        need more than ``MAX_FDS`` new segment descriptors in one message.
+        """
+        c = self._conns[conn]
+        if not 1 <= count <= MAX_BATCH:
+            raise ValueError(f"count must be 1..{MAX_BATCH}")
+        index = self.classes.index_of(size)
+        if index is None:
+            seg = self._new_segment(-(-size // PAGE) * PAGE, 1, None)
+            self.oversize_leases += 1
+            self.oversize_bytes += seg.size
+            picked = [(seg, 0)]
+            slot_size = seg.slot_size
+        else:
+            cls = self._classes[index]
+            picked = self._take(cls, count, c)
+            slot_size = cls.slot_size
+        c.manager_acquires += len(picked)
+        return self._grant(c, slot_size, picked)
+
+    def release(self, conn: int, refs: Iterable[SlotRef]) -> int:
+        """Return slots leased to ``conn``; all or nothing.
+
+        Raises:
+            StaleHandleError: a reference names an unknown slot, a slot held by
+                someone else, or an old generation; nothing is released then.
+        """
+        c = self._conns[conn]
+        checked = [self._check(c, ref) for ref in refs]
+        if len({(s.id, i) for s, i in checked}) != len(checked):
+            raise StaleHandleError("the same slot appears twice in one release")
+        for seg, index in checked:
+            self._free(seg, index, c)
+        return len(checked)
+
+    def _check(self, c: _Conn, ref: SlotRef) -> tuple[Segment, int]:
+        seg = self._segments.get(ref.segment)
+        if seg is None or not 0 <= ref.index < seg.nslots:
+            raise StaleHandleError(f"no slot {ref.segment}:{ref.index} exists in this manager")
+        if seg.holders[ref.index] != c.id:
+            raise StaleHandleError(f"slot {ref.segment}:{ref.index} is not leased to this client")
+        if seg.generations[ref.index] != ref.generation:
+            raise StaleHandleError(
+                f"slot {ref.segment}:{ref.index} generation {ref.generation} is stale "
+                f"(now {seg.generations[ref.index]})"
+            )
+        return seg, ref.index
+
+    def _take(self, cls: _Class, count: int, c: _Conn) -> list[tuple[Segment, int]]:
+        while len(cls.free) < count and self._grow(cls):
+            pass
+        if not cls.free:
+            raise PoolExhaustedError(
+                f"no free {format_size(cls.slot_size)} slot and the memory budget "
+                f"({format_size(self.memory)}, {format_size(self.mapped)} mapped) allows no "
+                "new segment; release leases or start the manager with more memory"
+            )
+        picked: list[tuple[Segment, int]] = []
+        new_segments: set[int] = set()
+        while cls.free and len(picked) < count:
+            seg, index = cls.free[-1]
+            if seg.id not in c.known and seg.id not in new_segments:
+                if len(new_segments) == MAX_FDS:
+                    break
+                new_segments.add(seg.id)
+            cls.free.pop()
+            picked.append((seg, index))
+        return picked
+
+    def _grow(self, cls: _Class) -> bool:
+        room = (self.memory - self.mapped) // cls.slot_size
+        if room <= 0:
+            return False
+        self._new_segment(cls.slot_size, min(cls.per_segment, room), cls)
+        return True
+
+    def _new_segment(self, slot_size: int, nslots: int, cls: _Class | None) -> Segment:
+        size = slot_size * nslots
+        if self.mapped + size > self.memory:
+            raise PoolExhaustedError(
+                f"a {format_size(size)} buffer does not fit the memory budget "
+                f"({format_size(self.memory)}, {format_size(self.mapped)} mapped)"
+            )
+        backing = self._allocate(size)  # may raise PoolExhaustedError (e.g. /dev/shm full)
+        seg = Segment(next(self._ids), size, slot_size, backing, cls, [0] * nslots, [0] * nslots)
+        self._segments[seg.id] = seg
+        self.mapped += size
+        if cls is not None:
+            cls.segments.append(seg)
+            cls.total += nslots
+            cls.free.extend((seg, i) for i in reversed(range(nslots)))
+        return seg
+
+    def _grant(self, c: _Conn, slot_size: int, picked: list[tuple[Segment, int]]) -> Grant:
+        slots: list[SlotRef] = []
+        segments: list[SegmentInfo] = []
+        fds: list[int] = []
+        for seg, index in picked:
+            seg.holders[index] = c.id
+            seg.generations[index] += 1
+            c.held.add((seg.id, index))
+            if seg.cls is not None:
+                seg.cls.leased += 1
+            if seg.id not in c.known:
+                c.known.add(seg.id)
+                segments.append(seg.info())
+                fds.append(seg.backing.fd)
+            slots.append(SlotRef(seg.id, index, seg.generations[index]))
+        return Grant(slot_size, slots, segments, fds)
+
+    def _free(self, seg: Segment, index: int, c: _Conn) -> None:
+        seg.holders[index] = 0
+        seg.generations[index] += 1
+        c.held.discard((seg.id, index))
+        if seg.cls is None:
+            self._destroy(seg)
+            for other in self._conns.values():
+                other.known.discard(seg.id)
+            return
+        seg.cls.leased -= 1
+        seg.cls.free.append((seg, index))
+
+    def _destroy(self, seg: Segment) -> None:
+        del self._segments[seg.id]
+        self.mapped -= seg.size
+        if seg.cls is None:
+            self.oversize_leases -= 1
+            self.oversize_bytes -= seg.size
+        seg.backing.close()
+
+    def close(self) -> None:
+        """Release every segment's backing (manager shutdown)."""
+        for seg in list(self._segments.values()):
+            seg.backing.close()
+        self._segments.clear()
+
+    # ------------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-able snapshot; per class ``total == free + leased``."""
+        return {
+            "classes": [
+                {
+                    "size": cls.slot_size,
+                    "segments": len(cls.segments),
+                    "total": cls.total,
+                    "free": len(cls.free),
+                    "leased": cls.leased,
+                }
+                for cls in self._classes
+            ],
+            "oversize": {"leases": self.oversize_leases, "bytes": self.oversize_bytes},
+            "mapped_bytes": self.mapped,
+            "memory_limit": self.memory,
+            "min_size": self.classes.min_size,
+            "max_size": self.classes.max_size,
+            "clients": [
+                {
+                    "id": c.id,
+                    "pid": c.pid,
+                    "name": c.name,
+                    "leased": len(c.held),
+                    "messages": c.messages,
+                    "manager_acquires": c.manager_acquires,
+                    "cache_hits": c.cache_hits,
+                }
+                for c in self._conns.values()
+            ],
+        }

@@ -1,0 +1,98 @@
+"""The command line: ``shmpool serve | stats | demo`` (also ``python -m shmpool``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .address import ENV_VAR
+from .errors import ShmpoolError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmpool", description="Recycle byte buffers across processes."
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level for the 'shmpool' logger (default INFO)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a manager in the foreground (SIGINT/SIGTERM stop it)")
+    serve.add_argument(
+        "--address", help=f"socket path (default: ${ENV_VAR}, else a private per-user directory)"
+    )
+    serve.add_argument("--min-size", default="4KiB", help="smallest size class (default 4KiB)")
+    serve.add_argument("--max-size", default="64MiB", help="largest size class (default 64MiB)")
+    serve.add_argument("--memory", default="1GiB", help="memory budget (default 1GiB)")
+    serve.add_argument(
+        "--allow-uid", type=int, action="append", default=None,
+        help="also accept clients of this uid (repeatable; default: only our own uid)",
+    )  # fmt: skip
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
+
+    stats = sub.add_parser("stats", help="show a running manager's statistics")
+    stats.add_argument("--address", help=f"socket path (default: ${ENV_VAR})")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    demo = sub.add_parser("demo", help="workers doing real work through an embedded manager")
+    demo.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
+    demo.add_argument("--seconds", type=float, default=1.5, help="work time (default 1.5)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s shmpool[%(process)d] %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "stats":
+            return _stats(args)
+        if args.command == "demo":
+            from .demo import run
+
+            return run(workers=args.workers, seconds=args.seconds)
+    except ShmpoolError as exc:
+        print(f"shmpool: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"shmpool: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .manager import Manager
+
+    manager = Manager(
+        args.address,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        memory=args.memory,
+        allow_uids=None if args.allow_uid is None else [*args.allow_uid, os.getuid()],
+    )
+    manager.serve(ready_fd=args.ready_fd, lifeline_fd=args.lifeline_fd)
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .client import connect
+    from .report import format_stats
+
+    with connect(args.address, name="shmpool stats") as pool:
+        stats = pool.stats()
+    stats.pop("local", None)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0

@@ -1,0 +1,100 @@
+"""The exceptions shmpool raises.
+
+Two families, as in h11: ``UsageError`` subclasses mean *you called it wrong*
+(a released lease, a closed pool); ``ProtocolError`` means *the peer broke the
+protocol* (garbage on the socket). Everything else names a condition a caller
+may want to handle: the pool is full, the manager is gone, a handle is stale.
+Errors cross the wire as a code and a message, never as a traceback; ``CODES``
+maps each code to its class.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CODES",
+    "AccessDeniedError",
+    "LeaseClosedError",
+    "ManagerGoneError",
+    "PoolClosedError",
+    "PoolExhaustedError",
+    "ProtocolError",
+    "ShmpoolError",
+    "StaleHandleError",
+    "UsageError",
+    "error_from_code",
+]
+
+
+class ShmpoolError(Exception):
+    """Base class of every error shmpool raises on purpose."""
+
+    code = "error"
+
+
+class UsageError(ShmpoolError):
+    """The caller used the API wrongly (a closed object, a foreign lease)."""
+
+    code = "usage"
+
+
+class LeaseClosedError(UsageError):
+    """The lease was released or detached; it can no longer be used."""
+
+    code = "lease_closed"
+
+
+class PoolClosedError(UsageError):
+    """The pool (client connection) was closed by this process."""
+
+    code = "pool_closed"
+
+
+class PoolExhaustedError(ShmpoolError):
+    """No slot could be leased: the memory budget (or /dev/shm) is used up."""
+
+    code = "exhausted"
+
+
+class ManagerGoneError(ShmpoolError):
+    """The manager cannot be reached, stopped answering, or closed the connection."""
+
+    code = "manager_gone"
+
+
+class StaleHandleError(ShmpoolError):
+    """A slot reference was refused: stale generation, unknown id, or not yours."""
+
+    code = "stale"
+
+
+class AccessDeniedError(ShmpoolError):
+    """The manager refused this peer (another user, or a failed handshake)."""
+
+    code = "denied"
+
+
+class ProtocolError(ShmpoolError):
+    """The peer sent bytes that break the shmpool protocol."""
+
+    code = "protocol"
+
+
+CODES: dict[str, type[ShmpoolError]] = {
+    cls.code: cls
+    for cls in (
+        ShmpoolError,
+        UsageError,
+        LeaseClosedError,
+        PoolClosedError,
+        PoolExhaustedError,
+        ManagerGoneError,
+        StaleHandleError,
+        AccessDeniedError,
+        ProtocolError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> ShmpoolError:
+    """Build the exception for an error reply received from the manager."""
+    return CODES.get(code, ShmpoolError)(message)

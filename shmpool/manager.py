@@ -1,0 +1,429 @@
+"""The manager: one process, one selector loop, the arena behind it.
+
+The loop is the gunicorn arbiter's shape: signal handlers only set a flag and
+write a byte to a wake-up pipe; every turn of the loop runs named steps
+(accept, read requests, flush replies, timers); stopping always ends, because
+it only closes sockets and descriptors, never waits on a client.
+
+One client can only hurt itself: its bytes are decoded with bounded sizes, a
+malformed frame gets an error reply and a closed connection, a client that
+does not read its replies is dropped when its queue is full, and any
+unexpected failure while serving it closes that connection alone. When a
+connection closes, for whatever reason, the arena returns all its slots.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import protocol as p
+from .address import resolve
+from .arena import DEFAULT_SEGMENT_BYTES, Arena, Backing
+from .errors import ProtocolError, ShmpoolError
+from .segment import ShmSegment, sweep_orphans
+from .sizeclass import Classes, format_size, parse_size
+
+__all__ = ["Manager"]
+
+log = logging.getLogger("shmpool")
+
+_CRED = struct.Struct("3i")
+#: Replies a slow client may leave unread before it is disconnected.
+MAX_QUEUED = 256
+#: Requests served from one client per loop turn, so none can starve the rest.
+MAX_READS_PER_TURN = 64
+MAX_LISTED_CLIENTS = 1000
+
+
+class _Peer:
+    __slots__ = ("id", "name", "outq", "pid", "sock", "uid", "welcomed")
+
+    def __init__(self, sock: socket.socket, peer_id: int, pid: int, uid: int) -> None:
+        self.sock = sock
+        self.id = peer_id
+        self.pid = pid
+        self.uid = uid
+        self.name = ""
+        self.welcomed = False
+        self.outq: deque[tuple[bytes, Sequence[int]]] = deque()
+
+
+class Manager:
+    """A shmpool manager serving one Unix socket.
+
+    ``serve()`` runs the loop in the calling thread until ``stop()`` is called,
+    SIGINT/SIGTERM arrives (when serving on the main thread), or the
+    ``lifeline_fd`` reaches end-of-file (the embedding parent died).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        min_size: int | str = "4KiB",
+        max_size: int | str = "64MiB",
+        memory: int | str = "1GiB",
+        allow_uids: Sequence[int] | None = None,
+        segment_bytes: int | str = DEFAULT_SEGMENT_BYTES,
+        allocate: Callable[[int], Backing] = ShmSegment,
+    ) -> None:
+        self.address = resolve(address)
+        self.classes = Classes(min_size, max_size)
+        self.memory = parse_size(memory, name="memory")
+        self.arena = Arena(
+            self.classes,
+            self.memory,
+            allocate,
+            segment_bytes=parse_size(segment_bytes, name="segment_bytes"),
+        )
+        self.allow_uids = frozenset(allow_uids if allow_uids is not None else (os.getuid(),))
+        self.pid = os.getpid()
+        self._peers: dict[int, _Peer] = {}
+        self._by_fd: dict[int, _Peer] = {}
+        self._next_id = 1
+        self._sel = selectors.DefaultSelector()
+        self._listener: socket.socket | None = None
+        self._listener_ino: tuple[int, int] | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._started = time.monotonic()
+
+    # --------------------------------------------------------------- running
+
+    def serve(self, *, ready_fd: int | None = None, lifeline_fd: int | None = None) -> None:
+        """Listen and serve until stopped; always tears down what it built."""
+        try:
+            self._open()
+        except BaseException as exc:
+            _notify(ready_fd, f"error: {exc}\n")
+            self._teardown()
+            raise
+        old = self._install_signals()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        if lifeline_fd is not None:
+            self._sel.register(lifeline_fd, selectors.EVENT_READ, self._on_lifeline)
+        log.info(
+            "manager %d listening on %s (%s..%s, memory %s)",
+            self.pid,
+            self.address,
+            format_size(self.classes.min_size),
+            format_size(self.classes.max_size),
+            format_size(self.memory),
+        )
+        _notify(ready_fd, "ok\n")
+        try:
+            while not self._stopping:
+                for key, events in self._sel.select(timeout=1.0):
+                    key.data(key, events)
+        finally:
+            self._restore_signals(old)
+            self._teardown()
+            log.info("manager %d stopped", self.pid)
+
+    def stop(self) -> None:
+        """Ask the loop to end (safe from signal handlers and other threads)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    # ---------------------------------------------------------- setting up
+
+    def _open(self) -> None:
+        _raise_fd_limit()
+        for name in sweep_orphans():
+            log.warning("removed /dev/shm/%s left by a dead manager", name)
+        self._claim_address()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(self.address)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.address, 0o600)
+        st = os.stat(self.address)
+        self._listener_ino = (st.st_dev, st.st_ino)
+        sock.listen(128)
+        sock.setblocking(False)
+        self._listener = sock
+        self._sel.register(sock, selectors.EVENT_READ, self._on_accept)
+
+    def _claim_address(self) -> None:
+        """Refuse a live manager's address; clear a dead one's stale socket file."""
+        try:
+            st = os.lstat(self.address)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{self.address} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(self.address)
+        except OSError:
+            os.unlink(self.address)  # nobody listens: a stale file from a killed manager
+            return
+        finally:
+            probe.close()
+        raise FileExistsError(f"a manager is already listening on {self.address}")
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old: dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda *_: self.stop())
+        return old
+
+    def _restore_signals(self, old: dict[int, Any]) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    def _teardown(self) -> None:
+        for peer in list(self._peers.values()):
+            self._drop(peer, "manager stopping")
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self._unlink_address()
+        self.arena.close()
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _unlink_address(self) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(self.address)
+            if (st.st_dev, st.st_ino) == self._listener_ino:
+                os.unlink(self.address)
+
+    # ------------------------------------------------------------- events
+
+    def _on_wake(self, key: selectors.SelectorKey, events: int) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+
+    def _on_lifeline(self, key: selectors.SelectorKey, events: int) -> None:
+        try:
+            data = os.read(key.fd, 64)
+        except OSError:
+            data = b""
+        if not data:
+            log.info("manager %d: the embedding process is gone; stopping", self.pid)
+            self.stop()
+
+    def _on_accept(self, key: selectors.SelectorKey, events: int) -> None:
+        assert self._listener is not None
+        for _ in range(64):
+            try:
+                sock, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("cannot accept a client: %s", exc.strerror)
+                    return
+                raise
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        pid, uid, _gid = _CRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+        )
+        if uid not in self.allow_uids:
+            log.warning("refused a client with uid %d (pid %d)", uid, pid)
+            with contextlib.suppress(OSError):
+                sock.send(p.encode(p.Error(0, "denied", f"uid {uid} may not use this manager")))
+            sock.close()
+            return
+        sock.setblocking(False)
+        peer = _Peer(sock, self._next_id, pid, uid)
+        self._next_id += 1
+        self._peers[peer.id] = peer
+        self._by_fd[sock.fileno()] = peer
+        self._sel.register(sock, selectors.EVENT_READ, self._on_peer)
+
+    def _on_peer(self, key: selectors.SelectorKey, events: int) -> None:
+        peer = self._by_fd.get(key.fd)
+        if peer is None:
+            return
+        if events & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if events & selectors.EVENT_READ:
+            self._read(peer)
+
+    def _read(self, peer: _Peer) -> None:
+        for _ in range(MAX_READS_PER_TURN):
+            try:
+                data = peer.sock.recv(p.MAX_REQUEST + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._drop(peer, f"receive failed: {exc.strerror}")
+                return
+            if not data:
+                self._drop(peer, "disconnected")
+                return
+            if not self._handle(peer, data):
+                return
+
+    # ----------------------------------------------------------- requests
+
+    def _handle(self, peer: _Peer, data: bytes) -> bool:
+        """Serve one request; returns False if the peer was dropped."""
+        req = 0
+        try:
+            msg = p.decode(data, max_size=p.MAX_REQUEST)
+            req = msg.req
+            if not isinstance(msg, p.REQUESTS):
+                raise ProtocolError(f"{type(msg).__name__} is not a request")
+            if peer.welcomed == isinstance(msg, p.Hello):
+                raise ProtocolError("Hello must come first, and once")
+            self._dispatch(peer, msg)
+        except ProtocolError as exc:
+            log.warning("client %d (pid %d) broke the protocol: %s", peer.id, peer.pid, exc)
+            self._send(peer, p.encode(p.Error(req, exc.code, str(exc)[: p.MAX_TEXT])))
+            self._drop(peer, "protocol error")
+            return False
+        except ShmpoolError as exc:
+            self._send(peer, p.encode(p.Error(req, exc.code, str(exc)[: p.MAX_TEXT])))
+        except Exception:
+            log.exception("internal error serving client %d (pid %d)", peer.id, peer.pid)
+            self._send(peer, p.encode(p.Error(req, "error", "internal manager error; see its log")))
+            self._drop(peer, "internal error")
+            return False
+        return peer.id in self._peers
+
+    def _dispatch(self, peer: _Peer, msg: p.Message) -> None:
+        if isinstance(msg, p.Hello):
+            self._hello(peer, msg)
+            return
+        arena = self.arena
+        if isinstance(msg, p.Acquire):
+            arena.note_message(peer.id, msg.hits)
+            g = arena.acquire(peer.id, msg.size, msg.count)
+            reply = p.Grant(msg.req, g.slot_size, tuple(g.slots), tuple(g.segments))
+            self._send(peer, p.encode(reply), g.fds)
+        elif isinstance(msg, p.Release):
+            arena.note_message(peer.id, msg.hits)
+            arena.release(peer.id, msg.slots)
+            self._send(peer, p.encode(p.Ok(msg.req)))
+        elif isinstance(msg, p.Stats):
+            arena.note_message(peer.id)
+            self._send(peer, p.encode(p.StatsReply(msg.req, self.stats())))
+
+    def _hello(self, peer: _Peer, msg: p.Hello) -> None:
+        if msg.version != p.VERSION:
+            raise ProtocolError(
+                f"protocol version {msg.version} is not supported (manager speaks {p.VERSION}); "
+                "install the same shmpool version in clients and manager"
+            )
+        peer.welcomed = True
+        peer.name = msg.name
+        self.arena.add_conn(peer.id, peer.pid, msg.name)
+        welcome = p.Welcome(
+            msg.req, p.VERSION, self.pid, self.classes.min_size, self.classes.max_size, peer.id
+        )
+        self._send(peer, p.encode(welcome))
+
+    def stats(self) -> dict[str, Any]:
+        """The arena's statistics plus the manager's own identity."""
+        s = self.arena.stats()
+        if len(s["clients"]) > MAX_LISTED_CLIENTS:
+            s["clients_omitted"] = len(s["clients"]) - MAX_LISTED_CLIENTS
+            del s["clients"][MAX_LISTED_CLIENTS:]
+        s["manager"] = {
+            "pid": self.pid,
+            "address": self.address,
+            "version": p.VERSION,
+            "uptime": round(time.monotonic() - self._started, 3),
+        }
+        return s
+
+    # -------------------------------------------------------------- output
+
+    def _send(self, peer: _Peer, data: bytes, fds: Sequence[int] = ()) -> None:
+        if peer.id not in self._peers:
+            return
+        if peer.outq:
+            self._queue(peer, data, fds)
+            return
+        try:
+            _sendmsg(peer.sock, data, fds)
+        except (BlockingIOError, InterruptedError):
+            self._queue(peer, data, fds)
+        except OSError as exc:
+            self._drop(peer, f"send failed: {exc.strerror}")
+
+    def _queue(self, peer: _Peer, data: bytes, fds: Sequence[int]) -> None:
+        if len(peer.outq) >= MAX_QUEUED:
+            self._drop(peer, "does not read its replies")
+            return
+        if not peer.outq:
+            self._sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_peer)
+        peer.outq.append((data, fds))
+
+    def _flush(self, peer: _Peer) -> None:
+        while peer.outq:
+            data, fds = peer.outq[0]
+            try:
+                _sendmsg(peer.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._drop(peer, f"send failed: {exc.strerror}")
+                return
+            peer.outq.popleft()
+        self._sel.modify(peer.sock, selectors.EVENT_READ, self._on_peer)
+
+    def _drop(self, peer: _Peer, why: str) -> None:
+        if self._peers.pop(peer.id, None) is None:
+            return
+        self._by_fd.pop(peer.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(peer.sock)
+        peer.sock.close()
+        returned = self.arena.drop_conn(peer.id)
+        log.debug("client %d (pid %d) %s; %d slots returned", peer.id, peer.pid, why, returned)
+
+
+def _sendmsg(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def _notify(fd: int | None, text: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, text.encode())
+        os.close(fd)
+
+
+def _raise_fd_limit() -> None:
+    """Each segment is an open descriptor in the manager; allow as many as we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

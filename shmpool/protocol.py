@@ -1,0 +1,377 @@
+"""The shmpool wire protocol, sans I/O.
+
+Manager and client share this module; it has no sockets in it, so it can be
+unit-tested and fuzzed on bytes alone.
+
+Framing: the transport is a ``SOCK_SEQPACKET`` Unix socket, which keeps message
+boundaries, so one datagram is one message and needs no length prefix. A
+message is a msgpack array ``[type, req, *fields]``: ``type`` names the message,
+``req`` is the request id a reply echoes (0 for notifications the manager sends
+unasked). Segment file descriptors ride beside a ``Grant`` as SCM_RIGHTS
+ancillary data, one per ``SegmentInfo`` and in the same order.
+
+Rules:
+- The client opens with ``Hello`` carrying ``VERSION``; the manager answers
+  ``Welcome`` or ``Error`` and closes. Nothing else is accepted before it.
+- Every request gets exactly one reply with the same ``req``: the expected
+  reply type or ``Error``. Replies come in request order.
+- The manager may send ``Recall`` (req 0) at any time after ``Welcome``.
+- Every field is checked for type and range when a message is built, so a
+  decoded message is always well formed; ``decode`` turns anything else,
+  whatever the bytes, into ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, NamedTuple
+
+import msgpack
+
+from .errors import ProtocolError
+from .sizeclass import MAX_SHIFT
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_FDS",
+    "MAX_REPLY",
+    "MAX_REQUEST",
+    "VERSION",
+    "Acquire",
+    "Error",
+    "Grant",
+    "Hello",
+    "Message",
+    "Ok",
+    "Recall",
+    "Release",
+    "SegmentInfo",
+    "SlotRef",
+    "Stats",
+    "StatsReply",
+    "Welcome",
+    "decode",
+    "encode",
+]
+
+VERSION = 1
+#: Largest request datagram a client may send (a full Release batch fits easily).
+MAX_REQUEST = 16 * 1024
+#: Largest reply datagram the manager sends (below the ~200 KiB SEQPACKET limit).
+MAX_REPLY = 128 * 1024
+#: Most slots in one Acquire, Grant or Release.
+MAX_BATCH = 256
+#: Most segment descriptors passed in one Grant (SCM_MAX_FD is 253).
+MAX_FDS = 64
+MAX_ID = 2**63 - 1
+MAX_BUFFER = 1 << MAX_SHIFT
+MAX_TEXT = 1024
+
+
+def _int(value: Any, name: str, lo: int = 0, hi: int = MAX_ID) -> None:
+    if type(value) is not int:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} out of range {lo}..{hi}")
+
+
+def _text(value: Any, name: str) -> None:
+    if type(value) is not str:
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"{name} longer than {MAX_TEXT} characters")
+
+
+class SlotRef(NamedTuple):
+    """A slot as the wire names it: segment id, index in it, generation."""
+
+    segment: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose
+    generation: int
+
+    @classmethod
+    def from_wire(cls, value: Any) -> SlotRef:
+        if type(value) is not list or len(value) != 3:
+            raise TypeError("a slot must be [segment, index, generation]")
+        for item, name in zip(value, cls._fields, strict=True):
+            _int(item, name)
+        return cls(*value)
+
+
+class SegmentInfo(NamedTuple):
+    """A segment being sent to a client; its fd travels as ancillary data."""
+
+    segment: int
+    size: int
+    slot_size: int
+
+    @classmethod
+    def from_wire(cls, value: Any) -> SegmentInfo:
+        if type(value) is not list or len(value) != 3:
+            raise TypeError("a segment must be [segment, size, slot_size]")
+        _int(value[0], "segment")
+        _int(value[1], "size", 1, MAX_BUFFER)
+        _int(value[2], "slot_size", 1, MAX_BUFFER)
+        if value[2] > value[1]:
+            raise ValueError("slot_size larger than its segment")
+        return cls(*value)
+
+
+def _slots(value: Any, name: str, lo: int = 0) -> tuple[SlotRef, ...]:
+    if type(value) not in (list, tuple):
+        raise TypeError(f"{name} must be a list")
+    if not lo <= len(value) <= MAX_BATCH:
+        raise ValueError(f"{name} must hold {lo}..{MAX_BATCH} slots, not {len(value)}")
+    return tuple(v if type(v) is SlotRef else SlotRef.from_wire(v) for v in value)
+
+
+class _Message:
+    """Shared encode/decode plumbing for the message dataclasses."""
+
+    TYPE: ClassVar[int]
+    req: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, *(getattr(self, f.name) for f in fields(self))]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Any:
+        return cls(*items)
+
+
+# ----------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(_Message):
+    """First message of a client: protocol version, its pid and a name for stats."""
+
+    TYPE: ClassVar[int] = 1
+    req: int
+    version: int
+    pid: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        _int(self.version, "version", 0, 2**16)
+        _int(self.pid, "pid", 0, 2**31)
+        _text(self.name, "name")
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire(_Message):
+    """Lease ``count`` slots of the class that fits ``size`` bytes.
+
+    ``hits`` is the client's running count of acquires served from its local
+    cache, piggybacked so the manager's stats can show it.
+    """
+
+    TYPE: ClassVar[int] = 2
+    req: int
+    size: int
+    count: int = 1
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        _int(self.size, "size", 1, MAX_BUFFER)
+        _int(self.count, "count", 1, MAX_BATCH)
+        _int(self.hits, "hits")
+
+
+@dataclass(frozen=True, slots=True)
+class Release(_Message):
+    """Give leased slots back to the manager's free lists."""
+
+    TYPE: ClassVar[int] = 3
+    req: int
+    slots: tuple[SlotRef, ...]
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        object.__setattr__(self, "slots", _slots(self.slots, "slots", 1))
+        _int(self.hits, "hits")
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req, [list(s) for s in self.slots], self.hits]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats(_Message):
+    """Ask for the manager's statistics."""
+
+    TYPE: ClassVar[int] = 4
+    req: int
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+
+
+# ------------------------------------------------------------------ replies
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(_Message):
+    """The manager accepted the Hello; its configuration follows."""
+
+    TYPE: ClassVar[int] = 64
+    req: int
+    version: int
+    manager_pid: int
+    min_size: int
+    max_size: int
+    client_id: int
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        _int(self.version, "version", 0, 2**16)
+        _int(self.manager_pid, "manager_pid", 0, 2**31)
+        _int(self.min_size, "min_size", 1, MAX_BUFFER)
+        _int(self.max_size, "max_size", 1, MAX_BUFFER)
+        _int(self.client_id, "client_id")
+        for size, name in ((self.min_size, "min_size"), (self.max_size, "max_size")):
+            if size & (size - 1):
+                raise ValueError(f"{name}={size} is not a power of two")
+        if self.min_size > self.max_size:
+            raise ValueError("min_size above max_size")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant(_Message):
+    """Slots leased to the client, plus the segments it has not seen yet."""
+
+    TYPE: ClassVar[int] = 65
+    req: int
+    slot_size: int
+    slots: tuple[SlotRef, ...]
+    segments: tuple[SegmentInfo, ...] = ()
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        _int(self.slot_size, "slot_size", 1, MAX_BUFFER)
+        object.__setattr__(self, "slots", _slots(self.slots, "slots", 1))
+        segs = self.segments
+        if type(segs) not in (list, tuple) or len(segs) > MAX_FDS:
+            raise ValueError(f"segments must be a list of at most {MAX_FDS}")
+        object.__setattr__(
+            self,
+            "segments",
+            tuple(s if type(s) is SegmentInfo else SegmentInfo.from_wire(s) for s in segs),
+        )
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.TYPE,
+            self.req,
+            self.slot_size,
+            [list(s) for s in self.slots],
+            [list(s) for s in self.segments],
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(_Message):
+    """A request that returns nothing succeeded."""
+
+    TYPE: ClassVar[int] = 66
+    req: int
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReply(_Message):
+    """The manager's statistics, a JSON-able dict (see ``Arena.stats``)."""
+
+    TYPE: ClassVar[int] = 67
+    req: int
+    stats: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        if type(self.stats) is not dict:
+            raise TypeError("stats must be a map")
+
+
+@dataclass(frozen=True, slots=True)
+class Error(_Message):
+    """The request failed; ``code`` names an exception class in ``errors.CODES``."""
+
+    TYPE: ClassVar[int] = 68
+    req: int
+    code: str
+    message: str
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        _text(self.code, "code")
+        _text(self.message, "message")
+
+
+@dataclass(frozen=True, slots=True)
+class Recall(_Message):
+    """Unasked (req 0): the manager is short of ``slot_size`` slots; return idle ones."""
+
+    TYPE: ClassVar[int] = 69
+    req: int
+    slot_size: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        _int(self.slot_size, "slot_size", 1, MAX_BUFFER)
+        _int(self.count, "count", 1, 2**32)
+
+
+Message = Hello | Acquire | Release | Stats | Welcome | Grant | Ok | StatsReply | Error | Recall
+
+_TYPES: dict[int, type[Any]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Acquire, Release, Stats, Welcome, Grant, Ok, StatsReply, Error, Recall)
+}
+REQUESTS = (Hello, Acquire, Release, Stats)
+REPLIES = (Welcome, Grant, Ok, StatsReply, Error, Recall)
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode(message: Message) -> bytes:
+    """Serialize one message to the bytes of one datagram."""
+    return _pack(message.to_wire())  # type: ignore[no-any-return]
+
+
+def decode(data: bytes, *, max_size: int = MAX_REPLY) -> Message:
+    """Parse one datagram into a message.
+
+    Raises:
+        ProtocolError: for any input that is not exactly one well-formed message
+            (garbage, wrong types, out-of-range values, unknown type, too big).
+    """
+    if len(data) > max_size:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_size}")
+    try:
+        items = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=max_size,
+            max_bin_len=0,
+            max_ext_len=0,
+            max_array_len=max(MAX_BATCH, 4096),
+            max_map_len=4096,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from None
+    if type(items) is not list or len(items) < 2:
+        raise ProtocolError("a message must be an array [type, req, ...]")
+    cls = _TYPES.get(items[0]) if type(items[0]) is int else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {items[0]!r}")
+    try:
+        return cls.from_wire(items[1:])  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad {cls.__name__}: {exc}") from None
