@@ -131,9 +131,10 @@ class Arena:
         c = self._conns.pop(conn, None)
         if c is None:
             return 0
-        for seg_id, index in list(c.held):
+        held = list(c.held)
+        for seg_id, index in held:
             self._free(self._segments[seg_id], index, c)
-        return len(c.held)
+        return len(held)
 
     def note_message(self, conn: int, cache_hits: int | None = None) -> None:
         c = self._conns[conn]
@@ -143,6 +144,32 @@ class Arena:
 
     def held_by(self, conn: int) -> int:
         return len(self._conns[conn].held)
+
+    def class_size(self, size: int) -> int | None:
+        """The slot size a request of ``size`` bytes gets; ``None`` if oversize."""
+        index = self.classes.index_of(size)
+        return None if index is None else self._classes[index].slot_size
+
+    def free_slots(self, slot_size: int) -> int:
+        return len(self._classes[self._index(slot_size)].free)
+
+    def holders(self, slot_size: int) -> dict[int, int]:
+        """Connections holding slots of one class, with how many each holds."""
+        counts: dict[int, int] = {}
+        for c in self._conns.values():
+            n = 0
+            for seg_id, _ in c.held:
+                seg = self._segments[seg_id]
+                n += seg.cls is not None and seg.slot_size == slot_size
+            if n:
+                counts[c.id] = n
+        return counts
+
+    def _index(self, slot_size: int) -> int:
+        index = self.classes.index_of(slot_size)
+        if index is None or self._classes[index].slot_size != slot_size:
+            raise ValueError(f"{slot_size} is not a size class")
+        return index
 
     # ------------------------------------------------------------------ leases
 
@@ -199,8 +226,12 @@ class Arena:
         return seg, ref.index
 
     def _take(self, cls: _Class, count: int, c: _Conn) -> list[tuple[Segment, int]]:
-        while len(cls.free) < count and self._grow(cls):
-            pass
+        try:
+            while len(cls.free) < count and self._grow(cls):
+                pass
+        except PoolExhaustedError:
+            if not cls.free:  # e.g. /dev/shm is full; serve what we have, if anything
+                raise
         if not cls.free:
             raise PoolExhaustedError(
                 f"no free {format_size(cls.slot_size)} slot and the memory budget "

@@ -1,10 +1,15 @@
-"""Leases: one slot of shared memory in the hands of this process."""
+"""Leases: one slot of shared memory in the hands of this process.
+
+The hot path lives here and in ``Pool.acquire``: a release appends the slot to
+the cache list it came from (``_Slot.home``), and only a cache grown past its
+high-water mark calls back into the pool. No lock, no syscall, no allocation
+beyond the Lease and its memoryview.
+"""
 
 from __future__ import annotations
 
-import warnings
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import LeaseClosedError
 from .protocol import SlotRef
@@ -15,17 +20,44 @@ if TYPE_CHECKING:
 __all__ = ["Lease"]
 
 
+class _Cache(list):  # type: ignore[type-arg]
+    """One class's free slots in this process, with its high-water mark."""
+
+    __slots__ = ("cls", "high", "pool")
+
+    def __init__(self, pool: Pool, cls: int, high: int) -> None:
+        super().__init__()
+        self.pool = pool
+        self.cls = cls
+        self.high = high
+
+
+class _OversizeHome:
+    """Where an oversize slot "returns" on release: straight to the manager."""
+
+    __slots__ = ("pool",)
+    high = 1
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def append(self, slot: _Slot) -> None:
+        self.pool._release_oversize(slot)
+
+    def __len__(self) -> int:
+        return 0
+
+
 class _Slot:
     """A slot this process holds (in a Lease or in its local cache)."""
 
-    __slots__ = ("capacity", "cls", "home", "ref", "view")
+    __slots__ = ("capacity", "home", "ref", "view")
 
-    def __init__(self, ref: SlotRef, view: memoryview, cls: int, home: list[_Slot] | None) -> None:
+    def __init__(self, ref: SlotRef, view: memoryview, home: Any) -> None:
         self.ref = ref
-        self.view = view  # the whole slot; a Lease gets its own slice of it
+        self.view = view  # the whole slot; each Lease gets its own slice of it
         self.capacity = len(view)
-        self.cls = cls  # class index, -1 for oversize
-        self.home = home  # the cache list it returns to; None: give it to the manager
+        self.home = home  # a _Cache, or an _OversizeHome
 
 
 class Lease:
@@ -35,15 +67,16 @@ class Lease:
     behind it. Release it with ``release()`` or by leaving a ``with`` block;
     releasing twice is harmless. After release, ``view`` raises
     ``LeaseClosedError`` and the memoryview handed out earlier is released
-    too (slices taken from it are not: do not keep them).
+    too (slices taken from it are not: do not keep them). A Lease dropped
+    without release stays leased to this process until its pool closes.
     """
 
-    __slots__ = ("__weakref__", "_pool", "_slot", "_view")
+    __slots__ = ("_slot", "_view")
+    _slot: _Slot
+    _view: memoryview | None
 
-    def __init__(self, pool: Pool, slot: _Slot, size: int) -> None:
-        self._pool = pool
-        self._slot = slot
-        self._view: memoryview | None = slot.view[:size]
+    def __init__(self) -> None:
+        raise TypeError("leases come from Pool.acquire()")
 
     @property
     def view(self) -> memoryview:
@@ -74,7 +107,11 @@ class Lease:
             return
         self._view = None
         v.release()
-        self._pool._put(self._slot)
+        slot = self._slot
+        home = slot.home
+        home.append(slot)
+        if len(home) > home.high:
+            home.pool._trim(home)
 
     close = release
 
@@ -92,17 +129,17 @@ class Lease:
     ) -> None:
         self.release()
 
-    def __del__(self) -> None:
-        if self._view is not None:
-            warnings.warn(
-                f"unreleased {self!r} was garbage-collected; release leases explicitly",
-                ResourceWarning,
-                stacklevel=2,
-            )
-            self._view = None
-            self._pool._put(self._slot, from_gc=True)
-
     def __repr__(self) -> str:
         ref = self._slot.ref
         state = "released" if self._view is None else f"size={len(self._view)}"
         return f"<shmpool.Lease {ref.segment}:{ref.index} capacity={self._slot.capacity} {state}>"
+
+
+_new_lease = object.__new__
+
+
+def make_lease(slot: _Slot, size: int) -> Lease:
+    lease: Lease = _new_lease(Lease)
+    lease._slot = slot
+    lease._view = slot.view[:size]
+    return lease

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-uid", type=int, action="append", default=None,
         help="also accept clients of this uid (repeatable; default: only our own uid)",
     )  # fmt: skip
+    serve.add_argument(
+        "--acquire-wait", type=float, default=2.0,
+        help="seconds a short acquire may wait for recalled slots (default 2)",
+    )  # fmt: skip
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
 
@@ -45,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="workers doing real work through an embedded manager")
     demo.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     demo.add_argument("--seconds", type=float, default=1.5, help="work time (default 1.5)")
+
+    bench = sub.add_parser("bench", help="measure shmpool beside its peers, in one run")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--quick", action="store_true", help="few short trials (a smoke test)")
     return parser
 
 
@@ -62,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run
 
             return run(workers=args.workers, seconds=args.seconds)
+        if args.command == "bench":
+            return _bench(args)
     except ShmpoolError as exc:
         print(f"shmpool: {exc}", file=sys.stderr)
         return 1
@@ -81,7 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
         min_size=args.min_size,
         max_size=args.max_size,
         memory=args.memory,
-        allow_uids=None if args.allow_uid is None else [*args.allow_uid, os.getuid()],
+        allow_uids=args.allow_uid,
+        acquire_wait=args.acquire_wait,
     )
     manager.serve(ready_fd=args.ready_fd, lifeline_fd=args.lifeline_fd)
     return 0
@@ -95,4 +105,12 @@ def _stats(args: argparse.Namespace) -> int:
         stats = pool.stats()
     stats.pop("local", None)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, run
+
+    report = run(quick=args.quick)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -26,7 +26,9 @@ import contextlib
 import logging
 import mmap
 import os
+import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -36,7 +38,7 @@ from typing import Any
 
 from . import protocol as p
 from .address import resolve
-from .buffer import Lease, _Slot
+from .buffer import Lease, _Cache, _new_lease, _OversizeHome, _Slot, make_lease
 from .errors import (
     AccessDeniedError,
     ManagerGoneError,
@@ -54,8 +56,14 @@ log = logging.getLogger("shmpool")
 
 #: A class's cache may hold about this many bytes before surplus goes back.
 CACHE_BYTES = 8 << 20
+#: The first refill of a class asks for at most this many slots.
+FIRST_BATCH = 4
 #: Refills closer together than this double the class's batch (it is hot).
 HOT_INTERVAL = 1.0
+#: Default seconds without an acquire after which a cache is given back.
+IDLE_TIMEOUT = 5.0
+#: How often the janitor thread looks for recalls and idleness.
+JANITOR_PERIOD = 0.05
 
 _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -81,8 +89,8 @@ class _Segment:
             self.mm.close()
 
 
-class _ClosedCaches:
-    """Stands in for the cache lists once the pool is closed: acquire raises."""
+class _Closed:
+    """Stands in for the cache table once the pool is closed: acquire raises."""
 
     def __getitem__(self, index: int) -> list[_Slot]:
         raise PoolClosedError("this pool was closed; connect again")
@@ -93,6 +101,9 @@ class Pool:
 
     Use ``shmpool.connect()`` to make one. Safe to share between threads;
     after ``os.fork`` the child opens its own connection on first use.
+    ``idle_timeout`` is how long a cache may sit unused before its slots go
+    back to the manager (``None``: never, except when the manager recalls
+    them).
     """
 
     def __init__(
@@ -101,10 +112,12 @@ class Pool:
         *,
         name: str = "",
         timeout: float = 30.0,
+        idle_timeout: float | None = IDLE_TIMEOUT,
     ) -> None:
         self.address = resolve(address)
-        self.name = name or os.path.basename(sys.argv[0] or "python")[:64]
+        self.name = (name or os.path.basename(sys.argv[0] or "python"))[:64]
         self.timeout = timeout
+        self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pid = -1
@@ -112,11 +125,8 @@ class Pool:
         self._closed = False
         self._broken: ManagerGoneError | None = None
         self._segments: dict[int, _Segment] = {}
-        self._pending: list[p.SlotRef] = []  # releases the garbage collector made
-        self.messages = 0
-        self.manager_acquires = 0
-        self._misses = 0
-        self._acquires = 0
+        self._janitor: _Janitor | None = None
+        self._reset_counters()
         welcome = self._connect()
         self.manager_pid = welcome.manager_pid
         self.min_size = welcome.min_size
@@ -124,12 +134,25 @@ class Pool:
         self._min_shift = welcome.min_size.bit_length() - 1
         self._nclasses = welcome.max_size.bit_length() - self._min_shift
         sizes = [1 << (self._min_shift + i) for i in range(self._nclasses)]
-        self._max_batch = [max(1, min(p.MAX_BATCH, CACHE_BYTES // s)) for s in sizes]
-        self._caches: Any = [[] for _ in sizes]
-        self._batch = [min(4, m) for m in self._max_batch]
-        self._high = [2 * b for b in self._batch]
-        self._last_refill = [0.0] * self._nclasses
+        self._max_batch = [max(2, min(p.MAX_BATCH, CACHE_BYTES // s)) for s in sizes]
+        self._new_caches()
         _POOLS.add(self)
+
+    def _reset_counters(self) -> None:
+        self.messages = 0
+        self.manager_acquires = 0
+        self._acquires = 0
+        self._misses = 0
+
+    def _new_caches(self) -> None:
+        """Fresh, empty caches; slots in the old ones are no longer ours to hand out."""
+        self._batch = [min(FIRST_BATCH, m) for m in self._max_batch]
+        self._last_refill = [0.0] * self._nclasses
+        self._caches = [_Cache(self, i, 2 * b) for i, b in enumerate(self._batch)]
+        self._oversize_home = _OversizeHome(self)
+        # Indexed by (size - 1).bit_length(): every size up to min_size maps to
+        # class 0; sizes above max_size fall off the end (IndexError: slow path).
+        self._lookup: Any = [self._caches[0]] * (self._min_shift + 1) + self._caches[1:]
 
     # ------------------------------------------------------------ hot path
 
@@ -146,34 +169,30 @@ class Pool:
             ManagerGoneError: the manager died or stopped answering.
             PoolClosedError: this pool was closed.
         """
-        if type(size) is not int:
-            size = check_request(size)
-        if size <= self.min_size:
-            if size <= 0:
-                check_request(size)
-            index = 0
-        else:
-            index = (size - 1).bit_length() - self._min_shift
-            if index >= self._nclasses:
-                return self._acquire_oversize(size)
-        self._acquires += 1
         try:
-            slot = self._caches[index].pop()
-        except IndexError:
-            slot = self._refill(index)
-        return Lease(self, slot, size)
-
-    def _put(self, slot: _Slot, from_gc: bool = False) -> None:
-        home = slot.home
-        if home is None:
-            self._give_back([slot.ref], from_gc)
-            self._unmap(slot.ref.segment)
-            return
-        home.append(slot)
-        if len(home) > self._high[slot.cls] and home is self._cache_list(slot.cls):
-            self._trim(slot.cls, from_gc)
+            if size > 0:
+                slot = self._lookup[(size - 1).bit_length()].pop()
+            else:
+                raise ValueError
+        except (IndexError, ValueError, TypeError, AttributeError):
+            return self._acquire_slow(size)
+        self._acquires += 1
+        lease: Lease = _new_lease(Lease)  # make_lease(), inlined: this is the hot path
+        lease._slot = slot
+        lease._view = slot.view[:size]
+        return lease
 
     # ----------------------------------------------------------- slow path
+
+    def _acquire_slow(self, size: int) -> Lease:
+        if self._closed:
+            raise PoolClosedError("this pool was closed; connect again")
+        size = check_request(size)
+        index = (size - 1).bit_length() - self._min_shift
+        if index >= self._nclasses:
+            return self._acquire_oversize(size)
+        self._acquires += 1
+        return make_lease(self._refill(max(0, index)), size)
 
     def _refill(self, index: int) -> _Slot:
         with self._lock:
@@ -184,36 +203,45 @@ class Pool:
             now = time.monotonic()
             if now - self._last_refill[index] < HOT_INTERVAL:
                 self._batch[index] = min(2 * self._batch[index], self._max_batch[index])
-                self._high[index] = 2 * self._batch[index]
+                cache.high = 2 * self._batch[index]
             self._last_refill[index] = now
             size = 1 << (self._min_shift + index)
-            slots = self._grant(
-                p.Acquire(self._next_req(), size, self._batch[index], self.cache_hits), index
-            )
-            cache = self._caches[index]
+            req = self._next_req()
+            request = p.encode_acquire(req, size, self._batch[index], self.cache_hits)
+            slots = self._grant(req, request, self._caches[index])
+            self._ensure_janitor()
             first = slots.pop()
-            cache.extend(slots)
+            self._caches[index].extend(slots)
             return first
 
     def _acquire_oversize(self, size: int) -> Lease:
         with self._lock:
-            slots = self._grant(p.Acquire(self._next_req(), size, 1, self.cache_hits), -1)
-        return Lease(self, slots[0], size)
+            req = self._next_req()
+            request = p.encode_acquire(req, size, 1, self.cache_hits)
+            slots = self._grant(req, request, self._oversize_home)
+        self._acquires += 1
+        self._misses += 1
+        return make_lease(slots[0], size)
 
-    def _grant(self, request: p.Acquire, index: int) -> list[_Slot]:
-        reply, fds = self._roundtrip(request)
+    def _release_oversize(self, slot: _Slot) -> None:
+        with self._lock:
+            if slot.home is self._oversize_home and self._live():
+                self._call(p.Release(self._next_req(), (slot.ref,), self.cache_hits))
+            self._unmap(slot.ref.segment)
+
+    def _grant(self, req: int, request: bytes, home: Any) -> list[_Slot]:
+        reply, fds = self._roundtrip(req, request)
         if not isinstance(reply, p.Grant):
             _close_fds(fds)
             raise self._gone(ProtocolError(f"expected a Grant, got {type(reply).__name__}"))
         self._map(reply.segments, fds)
-        home = self._caches[index] if index >= 0 else None
         slots = []
         for ref in reply.slots:
             seg = self._segments.get(ref.segment)
             offset = ref.index * reply.slot_size
             if seg is None or offset + reply.slot_size > len(seg.view):
                 raise self._gone(ProtocolError(f"granted slot {ref} lies outside its segment"))
-            slots.append(_Slot(ref, seg.view[offset : offset + reply.slot_size], index, home))
+            slots.append(_Slot(ref, seg.view[offset : offset + reply.slot_size], home))
         self.manager_acquires += len(slots)
         return slots
 
@@ -230,49 +258,90 @@ class Pool:
                     ProtocolError(f"cannot map segment {info.segment}: {exc}")
                 ) from None
             os.close(fd)
-            old = self._segments.pop(info.segment, None)
-            if old is not None:
-                old.close()
+            self._unmap(info.segment)
             self._segments[info.segment] = _Segment(mm)
 
-    def _cache_list(self, index: int) -> list[_Slot] | None:
-        try:
-            return self._caches[index]  # type: ignore[no-any-return]
-        except PoolClosedError:
-            return None
+    def _unmap(self, segment: int) -> None:
+        seg = self._segments.pop(segment, None)
+        if seg is not None:
+            seg.close()
 
-    def _trim(self, index: int, from_gc: bool) -> None:
-        """Return a hot cache's surplus to the manager, keeping one batch."""
-        cache = self._caches[index]
-        keep = self._batch[index]
+    def _live(self) -> bool:
+        """True if this process's connection is usable for returning slots."""
+        return not self._closed and self._broken is None and self._pid == os.getpid()
+
+    def _trim(self, cache: _Cache) -> None:
+        """A release took a cache past its high-water mark: return the surplus."""
+        with self._lock:
+            caches = self._caches_list()
+            if cache.cls >= len(caches) or caches[cache.cls] is not cache:
+                cache.clear()  # an orphan (after fork, close or a lost manager)
+                return
+            self._return(cache, self._batch[cache.cls])
+
+    def _return(self, cache: _Cache, keep: int) -> int:
+        """Send all but ``keep`` of a cache's slots back (lock held); no reply awaited."""
         refs = []
         while len(cache) > keep:
             try:
                 refs.append(cache.pop(0).ref)  # the coldest slots go back
             except IndexError:
                 break
-        if refs:
-            self._give_back(refs, from_gc)
+        for start in range(0, len(refs), p.MAX_BATCH):
+            batch = refs[start : start + p.MAX_BATCH]
+            self._send(p.encode_return(self._next_req(), batch, self.cache_hits))
+        return len(refs)
 
-    def _give_back(self, refs: list[p.SlotRef], from_gc: bool) -> None:
-        if self._closed or self._broken is not None or self._pid != os.getpid():
-            return  # the connection is gone (or not ours): the manager reclaimed them
-        if not self._lock.acquire(blocking=not from_gc):
-            self._pending.extend(refs)  # the GC ran while we hold the lock: send later
-            return
-        try:
-            refs = self._pending + refs
-            self._pending = []
-            for start in range(0, len(refs), p.MAX_BATCH):
-                batch = tuple(refs[start : start + p.MAX_BATCH])
-                self._roundtrip(p.Release(self._next_req(), batch, self.cache_hits))
-        finally:
-            self._lock.release()
+    def _caches_list(self) -> list[_Cache]:
+        return self._caches if self._live() else []
 
-    def _unmap(self, segment: int) -> None:
-        seg = self._segments.pop(segment, None)
-        if seg is not None:
-            seg.close()
+    # ----------------------------------------------------- the manager asks
+
+    def _on_recall(self, msg: p.Recall) -> None:
+        """Another client is short of ``msg.slot_size`` slots: give ours back."""
+        index = msg.slot_size.bit_length() - 1 - self._min_shift
+        caches = self._caches_list()
+        if 0 <= index < len(caches):
+            self._batch[index] = max(1, self._batch[index] // 2)
+            caches[index].high = 2 * self._batch[index]
+            if self._return(caches[index], 0):
+                log.debug("returned idle %d-byte slots on recall", msg.slot_size)
+
+    def _return_idle(self) -> int:
+        """Give back every cached slot (lock held): the process sits idle."""
+        returned = 0
+        for i, cache in enumerate(self._caches_list()):
+            self._batch[i] = min(FIRST_BATCH, self._max_batch[i])
+            cache.high = 2 * self._batch[i]
+            returned += self._return(cache, 0)
+        return returned
+
+    def _poll_manager(self) -> None:
+        """Handle whatever the manager sent unasked (lock held, janitor thread)."""
+        sock = self._sock
+        while sock is not None and self._live() and select.select([sock], [], [], 0)[0]:
+            reply, fds = self._receive(sock)
+            _close_fds(fds)
+            if isinstance(reply, p.Recall):
+                self._on_recall(reply)
+            else:
+                self._note_stray(reply)
+            sock = self._sock
+
+    def _note_stray(self, reply: p.Message) -> None:
+        if isinstance(reply, p.Error):
+            err = error_from_code(reply.code, reply.message)
+            raise self._gone(
+                err
+                if isinstance(err, ManagerGoneError)
+                else ManagerGoneError(f"the manager refused this client: {reply.message}")
+            )
+        raise self._gone(ProtocolError(f"unexpected {type(reply).__name__} (req {reply.req})"))
+
+    def _ensure_janitor(self) -> None:
+        if self._janitor is None or not self._janitor.is_alive():
+            self._janitor = _Janitor(self)
+            self._janitor.start()
 
     # ----------------------------------------------------------- the wire
 
@@ -282,7 +351,12 @@ class Pool:
 
     def _connect(self) -> p.Welcome:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
+        # A blocking socket with kernel timeouts: Python's own settimeout() would
+        # poll() before every send and recv, a syscall per call on the slow path.
+        seconds = max(1e-3, self.timeout)
+        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         try:
             sock.connect(self.address)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -297,7 +371,7 @@ class Pool:
         self._sock = sock
         self._pid = os.getpid()
         self._broken = None
-        reply, fds = self._roundtrip(p.Hello(self._next_req(), p.VERSION, self._pid, self.name))
+        reply, fds = self._call(p.Hello(self._next_req(), p.VERSION, self._pid, self.name))
         _close_fds(fds)
         if not isinstance(reply, p.Welcome):
             raise self._gone(ProtocolError(f"expected Welcome, got {type(reply).__name__}"))
@@ -317,25 +391,38 @@ class Pool:
         assert self._sock is not None
         return self._sock
 
-    def _roundtrip(self, request: p.Message) -> tuple[p.Message, list[int]]:
-        """Send one request and return its reply (the lock must be held)."""
-        sock = self._sock if isinstance(request, p.Hello) else self._ensure_connection()
+    def _send(self, data: bytes, hello: bool = False) -> socket.socket:
+        sock = self._sock if hello else self._ensure_connection()
         assert sock is not None
         try:
-            sock.send(p.encode(request))
+            sock.send(data)
+        except BlockingIOError:
+            raise self._gone(
+                ManagerGoneError(f"the manager did not take a request within {self.timeout} s")
+            ) from None
         except OSError as exc:
             raise self._gone(exc) from None
         self.messages += 1
+        return sock
+
+    def _call(self, request: p.Message) -> tuple[p.Message, list[int]]:
+        """Send a request object and return its reply (the lock must be held)."""
+        return self._roundtrip(request.req, p.encode(request), isinstance(request, p.Hello))
+
+    def _roundtrip(self, req: int, data: bytes, hello: bool = False) -> tuple[p.Message, list[int]]:
+        """Send one encoded request and return its reply (the lock must be held)."""
+        sock = self._send(data, hello)
         while True:
             reply, fds = self._receive(sock)
             if isinstance(reply, p.Recall):
                 _close_fds(fds)
-                continue  # the cache keeps only a batch per class; nothing to do yet
-            if reply.req != request.req:
+                self._on_recall(reply)
+                continue
+            if reply.req != req:
                 _close_fds(fds)
-                raise self._gone(
-                    ProtocolError(f"reply to request {reply.req}, expected {request.req}")
-                )
+                if isinstance(reply, p.Error) and reply.code == "denied":
+                    raise self._gone(AccessDeniedError(reply.message))
+                self._note_stray(reply)
             if isinstance(reply, p.Error):
                 _close_fds(fds)
                 err = error_from_code(reply.code, reply.message)
@@ -347,7 +434,7 @@ class Pool:
     def _receive(self, sock: socket.socket) -> tuple[p.Message, list[int]]:
         try:
             data, ancdata, flags, _ = sock.recvmsg(p.MAX_REPLY + 1, _ANCBUF)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise self._gone(
                 ManagerGoneError(f"the manager did not answer within {self.timeout} s")
             ) from None
@@ -375,19 +462,13 @@ class Pool:
         else:
             detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
             err = ManagerGoneError(f"lost the manager at {self.address}: {detail}")
-        if not isinstance(err, ManagerGoneError):
-            err.__cause__ = None
         self._broken = err if isinstance(err, ManagerGoneError) else ManagerGoneError(str(err))
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        for cache in self._caches_or_empty():
-            cache.clear()
+        if hasattr(self, "_max_batch"):
+            self._new_caches()  # cached slots died with the connection
         return err
-
-    def _caches_or_empty(self) -> list[list[_Slot]]:
-        caches = getattr(self, "_caches", [])
-        return caches if isinstance(caches, list) else []
 
     def _forget_parent(self) -> None:
         """In a forked child: drop the parent's connection and cached slots.
@@ -402,11 +483,11 @@ class Pool:
         self._pid = os.getpid()
         self._req = 0
         self._lock = threading.Lock()
-        self._pending = []
-        if isinstance(self._caches, list):
-            self._caches = [[] for _ in self._caches]
-        self.messages = self.manager_acquires = self._misses = self._acquires = 0
+        self._janitor = None
         self._broken = None
+        self._reset_counters()
+        if not self._closed:
+            self._new_caches()
 
     # ------------------------------------------------------------ public
 
@@ -422,21 +503,30 @@ class Pool:
             ManagerGoneError, PoolClosedError.
         """
         with self._lock:
-            reply, _ = self._roundtrip(p.Stats(self._next_req()))
-        assert isinstance(reply, p.StatsReply)
+            reply, fds = self._call(p.Stats(self._next_req()))
+        _close_fds(fds)
+        if not isinstance(reply, p.StatsReply):
+            raise self._gone(ProtocolError(f"expected StatsReply, got {type(reply).__name__}"))
         stats = dict(reply.stats)
         stats["local"] = {
             "pid": os.getpid(),
             "cache_hits": self.cache_hits,
             "manager_acquires": self.manager_acquires,
             "messages": self.messages,
-            "cached": {
-                str(1 << (self._min_shift + i)): len(c)
-                for i, c in enumerate(self._caches_or_empty())
-                if c
-            },
+            "cached": {str(1 << (self._min_shift + c.cls)): len(c) for c in self._caches if c},
         }
         return stats
+
+    def trim(self) -> int:
+        """Give every slot cached in this process back to the manager now.
+
+        Worth calling before a process goes to sleep for long; the cache
+        refills on the next acquire. Returns how many slots went back.
+        """
+        with self._lock:
+            if not self._live():
+                return 0
+            return sum(self._return(cache, 0) for cache in self._caches)
 
     @property
     def closed(self) -> bool:
@@ -452,12 +542,16 @@ class Pool:
             return
         with self._lock:
             self._closed = True
-            for cache in self._caches_or_empty():
+            for cache in self._caches:
                 cache.clear()
-            self._caches = _ClosedCaches()
+            self._lookup = _Closed()
             if self._sock is not None and self._pid == os.getpid():
                 self._sock.close()
             self._sock = None
+            for segment in list(self._segments):
+                self._unmap(segment)  # a mapping a lease still exports stays until GC
+        if self._janitor is not None:
+            self._janitor.wake()
         _POOLS.discard(self)
 
     def __enter__(self) -> Pool:
@@ -474,6 +568,62 @@ class Pool:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "broken" if self._broken else "open"
         return f"<shmpool.Pool {self.address} {state}>"
+
+
+class _Janitor(threading.Thread):
+    """Per-pool daemon thread: answers recalls and returns an idle cache.
+
+    Every ``JANITOR_PERIOD`` it looks, without blocking anyone, whether the
+    manager spoke unasked (a Recall, or end-of-file when it died) and
+    whether the cache sat unused for ``idle_timeout``. It does not sleep on
+    the socket itself: then every reply to the acquiring thread would wake it
+    and the two would trade the GIL on the slow path. A thread that is busy
+    talking to the manager handles recalls inline anyway. The pool is held
+    by a weak reference only.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(name=f"shmpool-janitor-{os.getpid()}", daemon=True)
+        self._pool = weakref.ref(pool)
+        self._wake = threading.Event()
+        self._pid = os.getpid()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run(self) -> None:
+        seen, idle_since = -1, time.monotonic()
+        while True:
+            pool = self._pool()
+            if pool is None or os.getpid() != self._pid or pool._janitor is not self:
+                return
+            if not pool._live():
+                return
+            idle = pool.idle_timeout
+            del pool
+            period = JANITOR_PERIOD if idle is None else min(JANITOR_PERIOD, idle / 2)
+            if self._wake.wait(period):
+                self._wake.clear()
+            pool = self._pool()
+            if pool is None or not pool._lock.acquire(blocking=False):
+                continue  # busy talking to the manager: it handles recalls itself
+            try:
+                if not pool._live() or pool._janitor is not self:
+                    return
+                pool._poll_manager()
+                now = time.monotonic()
+                if pool._acquires != seen:
+                    seen, idle_since = pool._acquires, now
+                elif idle is not None and now - idle_since >= idle:
+                    if pool._return_idle():
+                        log.debug("returned an idle cache after %.1f s", now - idle_since)
+                    idle_since = now
+            except ShmpoolError as exc:
+                log.debug("janitor stopping: %s", exc)
+                return
+            finally:
+                pool._lock.release()
+                del pool
 
 
 _ANCBUF = socket.CMSG_SPACE(p.MAX_FDS * 4)

@@ -15,7 +15,7 @@ from typing import Any
 from .address import ENV_VAR, resolve, unique_address
 from .client import Pool
 from .errors import ManagerGoneError, ShmpoolError
-from .sizeclass import parse_size
+from .sizeclass import Classes, parse_size
 
 __all__ = ["ManagerProcess", "start"]
 
@@ -100,6 +100,7 @@ def start(
     *,
     address: str | os.PathLike[str] | None = None,
     timeout: float = 30.0,
+    acquire_wait: float = 2.0,
     log_level: str = "WARNING",
 ) -> ManagerProcess:
     """Start a manager in a child process and wait until it listens.
@@ -113,8 +114,8 @@ def start(
         ValueError, TypeError: a bad size.
         ShmpoolError: the manager failed to start (its reason in the message).
     """
-    for value, name in ((min_size, "min_size"), (max_size, "max_size"), (memory, "memory")):
-        parse_size(value, name=name)
+    Classes(min_size, max_size)
+    parse_size(memory, name="memory")
     path = resolve(address) if address is not None else unique_address()
     ready_r, ready_w = os.pipe()
     life_r, life_w = os.pipe()
@@ -122,7 +123,8 @@ def start(
     cmd = [
         sys.executable, "-m", "shmpool", "--log-level", log_level, "serve",
         "--address", path, "--min-size", str(min_size), "--max-size", str(max_size),
-        "--memory", str(memory), "--ready-fd", str(ready_w), "--lifeline-fd", str(life_r),
+        "--memory", str(memory), "--acquire-wait", str(acquire_wait),
+        "--ready-fd", str(ready_w), "--lifeline-fd", str(life_r),
     ]  # fmt: skip
     try:
         proc = subprocess.Popen(cmd, pass_fds=(ready_w, life_r), start_new_session=True)

@@ -34,7 +34,7 @@ from typing import Any
 from . import protocol as p
 from .address import resolve
 from .arena import DEFAULT_SEGMENT_BYTES, Arena, Backing
-from .errors import ProtocolError, ShmpoolError
+from .errors import PoolExhaustedError, ProtocolError, ShmpoolError
 from .segment import ShmSegment, sweep_orphans
 from .sizeclass import Classes, format_size, parse_size
 
@@ -51,7 +51,7 @@ MAX_LISTED_CLIENTS = 1000
 
 
 class _Peer:
-    __slots__ = ("id", "name", "outq", "pid", "sock", "uid", "welcomed")
+    __slots__ = ("id", "name", "outq", "parked", "pid", "sock", "uid", "welcomed")
 
     def __init__(self, sock: socket.socket, peer_id: int, pid: int, uid: int) -> None:
         self.sock = sock
@@ -60,7 +60,18 @@ class _Peer:
         self.uid = uid
         self.name = ""
         self.welcomed = False
+        self.parked = False  # an Acquire of this peer waits for recalled slots
         self.outq: deque[tuple[bytes, Sequence[int]]] = deque()
+
+
+class _Waiter:
+    __slots__ = ("deadline", "msg", "peer", "slot_size")
+
+    def __init__(self, peer: _Peer, msg: p.Acquire, slot_size: int, deadline: float) -> None:
+        self.peer = peer
+        self.msg = msg
+        self.slot_size = slot_size
+        self.deadline = deadline
 
 
 class Manager:
@@ -69,6 +80,12 @@ class Manager:
     ``serve()`` runs the loop in the calling thread until ``stop()`` is called,
     SIGINT/SIGTERM arrives (when serving on the main thread), or the
     ``lifeline_fd`` reaches end-of-file (the embedding parent died).
+
+    ``acquire_wait`` bounds how long an acquire that finds its class empty
+    and the budget spent may wait while idle slots cached by other clients
+    are recalled; after it, the acquire fails with ``PoolExhaustedError``.
+    ``allow_uids`` names users besides our own that may connect (the socket
+    is then made connectable by all; access is checked with SO_PEERCRED).
     """
 
     def __init__(
@@ -81,6 +98,7 @@ class Manager:
         allow_uids: Sequence[int] | None = None,
         segment_bytes: int | str = DEFAULT_SEGMENT_BYTES,
         allocate: Callable[[int], Backing] = ShmSegment,
+        acquire_wait: float = 2.0,
     ) -> None:
         self.address = resolve(address)
         self.classes = Classes(min_size, max_size)
@@ -91,7 +109,9 @@ class Manager:
             allocate,
             segment_bytes=parse_size(segment_bytes, name="segment_bytes"),
         )
-        self.allow_uids = frozenset(allow_uids if allow_uids is not None else (os.getuid(),))
+        self.allow_uids = frozenset((os.getuid(), *(allow_uids or ())))
+        self.acquire_wait = acquire_wait
+        self._waiting: deque[_Waiter] = deque()
         self.pid = os.getpid()
         self._peers: dict[int, _Peer] = {}
         self._by_fd: dict[int, _Peer] = {}
@@ -100,6 +120,7 @@ class Manager:
         self._listener: socket.socket | None = None
         self._listener_ino: tuple[int, int] | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._spare_fd = -1
         self._stopping = False
         self._started = time.monotonic()
 
@@ -128,8 +149,9 @@ class Manager:
         _notify(ready_fd, "ok\n")
         try:
             while not self._stopping:
-                for key, events in self._sel.select(timeout=1.0):
+                for key, events in self._sel.select(timeout=self._next_timeout()):
                     key.data(key, events)
+                self._expire_waiting()
         finally:
             self._restore_signals(old)
             self._teardown()
@@ -157,12 +179,13 @@ class Manager:
             raise
         finally:
             os.umask(old_umask)
-        os.chmod(self.address, 0o600)
+        os.chmod(self.address, 0o666 if len(self.allow_uids) > 1 else 0o600)
         st = os.stat(self.address)
         self._listener_ino = (st.st_dev, st.st_ino)
         sock.listen(128)
         sock.setblocking(False)
         self._listener = sock
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._sel.register(sock, selectors.EVENT_READ, self._on_accept)
 
     def _claim_address(self) -> None:
@@ -204,7 +227,7 @@ class Manager:
             self._unlink_address()
         self.arena.close()
         self._sel.close()
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._spare_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
@@ -239,10 +262,21 @@ class Manager:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("cannot accept a client: %s", exc.strerror)
+                    self._refuse_one(exc)
                     return
                 raise
             self._admit(sock)
+
+    def _refuse_one(self, exc: OSError) -> None:
+        """Out of descriptors: accept and close one client so the loop cannot spin."""
+        log.error("cannot accept a client: %s", exc.strerror)
+        assert self._listener is not None
+        if self._spare_fd < 0:
+            return
+        os.close(self._spare_fd)
+        with contextlib.suppress(OSError):
+            self._listener.accept()[0].close()
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def _admit(self, sock: socket.socket) -> None:
         pid, uid, _gid = _CRED.unpack(
@@ -297,6 +331,8 @@ class Manager:
                 raise ProtocolError(f"{type(msg).__name__} is not a request")
             if peer.welcomed == isinstance(msg, p.Hello):
                 raise ProtocolError("Hello must come first, and once")
+            if peer.parked and not isinstance(msg, p.NO_REPLY):
+                raise ProtocolError("a request was sent while an Acquire still waits")
             self._dispatch(peer, msg)
         except ProtocolError as exc:
             log.warning("client %d (pid %d) broke the protocol: %s", peer.id, peer.pid, exc)
@@ -319,16 +355,91 @@ class Manager:
         arena = self.arena
         if isinstance(msg, p.Acquire):
             arena.note_message(peer.id, msg.hits)
-            g = arena.acquire(peer.id, msg.size, msg.count)
-            reply = p.Grant(msg.req, g.slot_size, tuple(g.slots), tuple(g.segments))
-            self._send(peer, p.encode(reply), g.fds)
+            self._acquire(peer, msg)
         elif isinstance(msg, p.Release):
             arena.note_message(peer.id, msg.hits)
             arena.release(peer.id, msg.slots)
             self._send(peer, p.encode(p.Ok(msg.req)))
+            self._serve_waiting()
+        elif isinstance(msg, p.Return):
+            arena.note_message(peer.id, msg.hits)
+            try:
+                arena.release(peer.id, msg.slots)
+            except ShmpoolError as exc:  # a correct client never returns what it lacks
+                raise ProtocolError(f"bad Return: {exc}") from None
+            self._serve_waiting()
         elif isinstance(msg, p.Stats):
             arena.note_message(peer.id)
             self._send(peer, p.encode(p.StatsReply(msg.req, self.stats())))
+
+    def _acquire(self, peer: _Peer, msg: p.Acquire) -> None:
+        try:
+            self._grant(peer, msg)
+        except PoolExhaustedError:
+            if not self._park(peer, msg):
+                raise
+
+    def _grant(self, peer: _Peer, msg: p.Acquire) -> None:
+        g = self.arena.acquire(peer.id, msg.size, msg.count)
+        reply = p.Grant(msg.req, g.slot_size, tuple(g.slots), tuple(g.segments))
+        self._send(peer, p.encode(reply), g.fds)
+
+    # -------------------------------------------------- waiting for memory
+
+    def _park(self, peer: _Peer, msg: p.Acquire) -> bool:
+        """Make a short acquire wait while other clients return idle slots."""
+        slot_size = self.arena.class_size(msg.size)
+        if slot_size is None or self.acquire_wait <= 0:
+            return False
+        holders = self.arena.holders(slot_size)
+        holders.pop(peer.id, None)
+        if not holders:
+            return False
+        recall = p.encode(p.Recall(0, slot_size, msg.count))
+        for conn in holders:
+            self._send(self._peers[conn], recall)
+        peer.parked = True
+        deadline = time.monotonic() + self.acquire_wait
+        self._waiting.append(_Waiter(peer, msg, slot_size, deadline))
+        log.debug(
+            "client %d waits for %d-byte slots; recalled from %s", peer.id, slot_size, list(holders)
+        )
+        return True
+
+    def _serve_waiting(self) -> None:
+        """Slots came back: grant parked acquires in arrival order."""
+        for waiter in list(self._waiting):
+            if waiter not in self._waiting:
+                continue  # served or dropped by a nested call
+            if waiter.peer.id not in self._peers:
+                self._waiting.remove(waiter)
+            elif self.arena.free_slots(waiter.slot_size):
+                self._waiting.remove(waiter)
+                waiter.peer.parked = False
+                try:
+                    self._grant(waiter.peer, waiter.msg)
+                except ShmpoolError as exc:
+                    self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, exc.code, str(exc))))
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        while self._waiting and (
+            self._waiting[0].deadline <= now or self._waiting[0].peer.id not in self._peers
+        ):
+            waiter = self._waiting.popleft()
+            if waiter.peer.id not in self._peers:
+                continue
+            waiter.peer.parked = False
+            text = (
+                f"no {waiter.slot_size}-byte slot came free within {self.acquire_wait} s: "
+                "the memory budget is spent and other clients hold their slots"
+            )
+            self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, "exhausted", text)))
+
+    def _next_timeout(self) -> float:
+        if not self._waiting:
+            return 1.0
+        return max(0.0, min(1.0, self._waiting[0].deadline - time.monotonic()))
 
     def _hello(self, peer: _Peer, msg: p.Hello) -> None:
         if msg.version != p.VERSION:
@@ -337,8 +448,8 @@ class Manager:
                 "install the same shmpool version in clients and manager"
             )
         peer.welcomed = True
-        peer.name = msg.name
-        self.arena.add_conn(peer.id, peer.pid, msg.name)
+        peer.name = msg.name[:64]
+        self.arena.add_conn(peer.id, peer.pid, peer.name)
         welcome = p.Welcome(
             msg.req, p.VERSION, self.pid, self.classes.min_size, self.classes.max_size, peer.id
         )
@@ -403,6 +514,8 @@ class Manager:
         peer.sock.close()
         returned = self.arena.drop_conn(peer.id)
         log.debug("client %d (pid %d) %s; %d slots returned", peer.id, peer.pid, why, returned)
+        if returned and self._waiting:
+            self._serve_waiting()
 
 
 def _sendmsg(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:

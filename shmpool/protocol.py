@@ -13,8 +13,11 @@ ancillary data, one per ``SegmentInfo`` and in the same order.
 Rules:
 - The client opens with ``Hello`` carrying ``VERSION``; the manager answers
   ``Welcome`` or ``Error`` and closes. Nothing else is accepted before it.
-- Every request gets exactly one reply with the same ``req``: the expected
-  reply type or ``Error``. Replies come in request order.
+- Every request but ``Return`` gets exactly one reply with the same ``req``:
+  the expected reply type or ``Error``. Replies come in request order. A
+  ``Return`` gets no reply, unless it is bad: then ``Error`` and a close.
+- An ``Acquire`` the manager cannot serve at once may wait (bounded) while
+  the manager ``Recall``s idle slots from other clients.
 - The manager may send ``Recall`` (req 0) at any time after ``Welcome``.
 - Every field is checked for type and range when a message is built, so a
   decoded message is always well formed; ``decode`` turns anything else,
@@ -45,6 +48,7 @@ __all__ = [
     "Ok",
     "Recall",
     "Release",
+    "Return",
     "SegmentInfo",
     "SlotRef",
     "Stats",
@@ -82,6 +86,22 @@ def _text(value: Any, name: str) -> None:
         raise ValueError(f"{name} longer than {MAX_TEXT} characters")
 
 
+def _json_like(value: Any, name: str, depth: int) -> None:
+    """Check that ``value`` is made of JSON types only (the stats are JSON-able)."""
+    if depth > 100:
+        raise ValueError(f"{name} is nested too deeply")
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(f"{name} has a non-string key")
+            _json_like(item, name, depth + 1)
+    elif type(value) is list:
+        for item in value:
+            _json_like(item, name, depth + 1)
+    elif value is not None and type(value) not in (int, float, str, bool):
+        raise TypeError(f"{name} holds a {type(value).__name__}, which JSON cannot")
+
+
 class SlotRef(NamedTuple):
     """A slot as the wire names it: segment id, index in it, generation."""
 
@@ -93,9 +113,13 @@ class SlotRef(NamedTuple):
     def from_wire(cls, value: Any) -> SlotRef:
         if type(value) is not list or len(value) != 3:
             raise TypeError("a slot must be [segment, index, generation]")
+        a, b, c = value
+        ints = type(a) is int and type(b) is int and type(c) is int
+        if ints and 0 <= a <= MAX_ID and 0 <= b <= MAX_ID and 0 <= c <= MAX_ID:
+            return cls(a, b, c)  # the common case, checked fast
         for item, name in zip(value, cls._fields, strict=True):
             _int(item, name)
-        return cls(*value)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class SegmentInfo(NamedTuple):
@@ -122,7 +146,7 @@ def _slots(value: Any, name: str, lo: int = 0) -> tuple[SlotRef, ...]:
         raise TypeError(f"{name} must be a list")
     if not lo <= len(value) <= MAX_BATCH:
         raise ValueError(f"{name} must hold {lo}..{MAX_BATCH} slots, not {len(value)}")
-    return tuple(v if type(v) is SlotRef else SlotRef.from_wire(v) for v in value)
+    return tuple(SlotRef.from_wire(list(v) if type(v) is SlotRef else v) for v in value)
 
 
 class _Message:
@@ -199,6 +223,29 @@ class Release(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Return(_Message):
+    """Give idle cached slots back, expecting no reply.
+
+    Sent when a cache passes its high-water mark, answers a ``Recall``, or
+    sits idle. A correct client only returns slots it holds, so a bad
+    ``Return`` gets an ``Error`` and the connection is closed.
+    """
+
+    TYPE: ClassVar[int] = 5
+    req: int
+    slots: tuple[SlotRef, ...]
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        object.__setattr__(self, "slots", _slots(self.slots, "slots", 1))
+        _int(self.hits, "hits")
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req, [list(s) for s in self.slots], self.hits]
+
+
+@dataclass(frozen=True, slots=True)
 class Stats(_Message):
     """Ask for the manager's statistics."""
 
@@ -258,7 +305,7 @@ class Grant(_Message):
         object.__setattr__(
             self,
             "segments",
-            tuple(s if type(s) is SegmentInfo else SegmentInfo.from_wire(s) for s in segs),
+            tuple(SegmentInfo.from_wire(list(s) if type(s) is SegmentInfo else s) for s in segs),
         )
 
     def to_wire(self) -> list[Any]:
@@ -294,6 +341,7 @@ class StatsReply(_Message):
         _int(self.req, "req")
         if type(self.stats) is not dict:
             raise TypeError("stats must be a map")
+        _json_like(self.stats, "stats", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,13 +374,29 @@ class Recall(_Message):
         _int(self.count, "count", 1, 2**32)
 
 
-Message = Hello | Acquire | Release | Stats | Welcome | Grant | Ok | StatsReply | Error | Recall
+Message = (
+    Hello | Acquire | Release | Return | Stats | Welcome | Grant | Ok | StatsReply | Error | Recall
+)
 
 _TYPES: dict[int, type[Any]] = {
     cls.TYPE: cls
-    for cls in (Hello, Acquire, Release, Stats, Welcome, Grant, Ok, StatsReply, Error, Recall)
+    for cls in (
+        Hello,
+        Acquire,
+        Release,
+        Return,
+        Stats,
+        Welcome,
+        Grant,
+        Ok,
+        StatsReply,
+        Error,
+        Recall,
+    )
 }
-REQUESTS = (Hello, Acquire, Release, Stats)
+REQUESTS = (Hello, Acquire, Release, Return, Stats)
+#: Requests that get no reply when they succeed.
+NO_REPLY = (Return,)
 REPLIES = (Welcome, Grant, Ok, StatsReply, Error, Recall)
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -341,6 +405,20 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 def encode(message: Message) -> bytes:
     """Serialize one message to the bytes of one datagram."""
     return _pack(message.to_wire())  # type: ignore[no-any-return]
+
+
+def encode_acquire(req: int, size: int, count: int, hits: int) -> bytes:
+    """``encode(Acquire(...))`` without building the object: the client's slow path.
+
+    The caller guarantees valid fields (this process made them); what the
+    manager decodes is checked there as always.
+    """
+    return _pack([Acquire.TYPE, req, size, count, hits])  # type: ignore[no-any-return]
+
+
+def encode_return(req: int, slots: list[SlotRef], hits: int) -> bytes:
+    """``encode(Return(...))`` without building the object (see ``encode_acquire``)."""
+    return _pack([Return.TYPE, req, slots, hits])  # type: ignore[no-any-return]
 
 
 def decode(data: bytes, *, max_size: int = MAX_REPLY) -> Message:

@@ -23,6 +23,7 @@ import itertools
 import mmap
 import os
 import secrets
+import sys
 
 import posix_ipc
 
@@ -72,7 +73,10 @@ class ShmSegment:
 
 def map_segment(fd: int, size: int) -> mmap.mmap:
     """Map a segment read-write, faulting its pages in now rather than on first use."""
-    return mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if sys.version_info >= (3, 13):  # do not keep a dup of the fd per mapping
+        return mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=prot, trackfd=False)
+    return mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=prot)
 
 
 def sweep_orphans() -> list[str]:

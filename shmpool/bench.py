@@ -1,0 +1,399 @@
+"""``shmpool bench``: shmpool and its peers measured side by side, in one run.
+
+Machines here are shared and noisy, so absolute times drift; what we report
+are medians over interleaved trials (every trial runs every case once, in a
+shuffled order, so drift hits all cases alike) and ratios between cases of
+the same run. Each trial of a case is a timed loop long enough to dwarf the
+timer; the per-operation time is the loop time divided by its iterations.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing as mp
+import os
+import platform
+import random
+import secrets
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing import shared_memory
+from multiprocessing.managers import SharedMemoryManager
+from typing import Any
+
+import msgpack
+import posix_ipc
+
+from .client import Pool
+from .embedded import start
+from .sizeclass import format_size
+
+__all__ = ["run"]
+
+SIZES = (256, 4 << 10, 64 << 10, 1 << 20, 16 << 20)
+PAGE = 4096
+_perf = time.perf_counter_ns
+
+#: A timed loop: given an iteration count, run and return elapsed nanoseconds.
+Loop = Callable[[int], int]
+
+
+def _touch(view: Any, n: int) -> None:
+    """Write one byte in every page, the cheapest way to fault each page in."""
+    view[::PAGE] = b"\x01" * ((n + PAGE - 1) // PAGE)
+
+
+# ------------------------------------------------------------------ the cases
+
+
+def _case_slice(mv: memoryview, n: int) -> Loop:
+    def loop(iters: int) -> int:
+        t = _perf()
+        for _ in range(iters):
+            mv[0:n]
+        return _perf() - t
+
+    return loop
+
+
+def _case_acquire_release(pool: Pool, n: int) -> Loop:
+    acquire = pool.acquire
+    acquire(n).release()
+
+    def loop(iters: int) -> int:
+        t = _perf()
+        for _ in range(iters):
+            acquire(n).release()
+        return _perf() - t
+
+    return loop
+
+
+def _case_acquire_write_release(pool: Pool, n: int) -> Loop:
+    acquire = pool.acquire
+
+    def loop(iters: int) -> int:
+        t = _perf()
+        for _ in range(iters):
+            lease = acquire(n)
+            _touch(lease.view, n)
+            lease.release()
+        return _perf() - t
+
+    return loop
+
+
+def _case_cold(pool: Pool, n: int) -> Loop:
+    """Every slot comes from the manager: take a batch, give it all back, repeat."""
+    acquire = pool.acquire
+    index = max(0, (n - 1).bit_length() - (pool.min_size.bit_length() - 1))
+    batch = pool._max_batch[index]
+
+    def loop(iters: int) -> int:
+        rounds = max(1, iters // batch)
+        t = _perf()
+        for _ in range(rounds):
+            leases = [acquire(n) for _ in range(batch)]
+            for lease in leases:
+                lease.release()
+            pool.trim()
+        return (_perf() - t) * iters // (rounds * batch)
+
+    return loop
+
+
+def _case_bytearray(n: int, touch: bool) -> Loop:
+    def loop(iters: int) -> int:
+        t = _perf()
+        if touch:
+            for _ in range(iters):
+                _touch(bytearray(n), n)
+        else:
+            for _ in range(iters):
+                bytearray(n)
+        return _perf() - t
+
+    return loop
+
+
+def _case_shared_memory(n: int, touch: bool) -> Loop:
+    def loop(iters: int) -> int:
+        t = _perf()
+        for _ in range(iters):
+            shm = shared_memory.SharedMemory(create=True, size=n)
+            if touch:
+                _touch(shm.buf, n)
+            shm.close()
+            shm.unlink()
+        return _perf() - t
+
+    return loop
+
+
+def _case_posix_ipc(n: int) -> Loop:
+    def loop(iters: int) -> int:
+        t = _perf()
+        for _ in range(iters):
+            shm = posix_ipc.SharedMemory(
+                f"/shmpool.bench.{os.getpid()}.{secrets.token_hex(4)}", posix_ipc.O_CREX, size=n
+            )
+            mm = mmap.mmap(shm.fd, n)
+            shm.close_fd()
+            mm.close()
+            shm.unlink()
+        return _perf() - t
+
+    return loop
+
+
+def _case_smm(n: int) -> Loop:
+    def loop(iters: int) -> int:
+        done = min(iters, 20)  # each segment lives until its manager shuts down
+        with SharedMemoryManager() as smm:
+            t = _perf()
+            for _ in range(done):
+                smm.SharedMemory(n).close()
+            elapsed = _perf() - t
+        return elapsed * iters // done
+
+    return loop
+
+
+def _echo_server(sock: socket.socket) -> None:
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        msg = msgpack.unpackb(data)
+        sock.send(msgpack.packb([65, msg[1], 4096, [[1, 2, 3]], []]))
+
+
+def _case_socket_roundtrip(sock: socket.socket) -> Loop:
+    def loop(iters: int) -> int:
+        t = _perf()
+        for i in range(iters):
+            sock.send(msgpack.packb([2, i, 4096, 1, 0]))
+            msgpack.unpackb(sock.recv(65536))
+        return _perf() - t
+
+    return loop
+
+
+# -------------------------------------------------------------- the runner
+
+
+def _calibrate(loop: Loop, target_ns: int) -> int:
+    iters = 1
+    while True:
+        elapsed = max(1, loop(iters))
+        if elapsed >= target_ns // 4 or iters >= 1 << 22:
+            return max(1, min(1 << 22, iters * target_ns // elapsed))
+        iters *= 4
+
+
+def _measure(
+    cases: dict[tuple[str, int], Loop], trials: int, target_ns: int
+) -> dict[Any, list[float]]:
+    iters = {key: _calibrate(loop, target_ns) for key, loop in cases.items()}
+    samples: dict[Any, list[float]] = {key: [] for key in cases}
+    order = list(cases)
+    rng = random.Random(1)
+    for _ in range(trials):
+        rng.shuffle(order)
+        for key in order:
+            n = iters[key]
+            samples[key].append(cases[key](n) / n)
+    return samples
+
+
+def _scaling_worker(address: str, size: int, seconds: float, go: Any, out: Any) -> None:
+    with Pool(address, name="bench-scaling") as pool:
+        acquire = pool.acquire
+        acquire(size).release()
+        go.wait()
+        ops, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                acquire(size).release()
+            ops += 1000
+        out.put(ops)
+
+
+def _scaling(address: str, procs: int, seconds: float, size: int = 4096) -> float:
+    """Acquire/release pairs per second, summed over ``procs`` processes at once."""
+    ctx = mp.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    workers = [
+        ctx.Process(target=_scaling_worker, args=(address, size, seconds, go, out))
+        for _ in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)  # let the interpreters start; the Event then starts all at once
+    go.set()
+    total: int = sum(out.get(timeout=60 + seconds) for _ in workers)
+    for w in workers:
+        w.join()
+    return total / seconds
+
+
+def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
+    """Run every case; return ``{"results", "ratios", "machine"}``."""
+    trials, target_ns = (3, 2_000_000) if quick else (15, 20_000_000)
+    results: list[dict[str, Any]] = []
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = mp.get_context("fork").Process(target=_echo_server, args=(child,), daemon=True)
+    server.start()
+    child.close()
+    big = mmap.mmap(-1, max(sizes))
+    mv = memoryview(big)
+    try:
+        with start(min_size="256", max_size="64MiB", memory="2GiB") as manager:
+            hot = Pool(manager.address, name="bench-hot", idle_timeout=None)
+            cold = Pool(manager.address, name="bench-cold", idle_timeout=None)
+            cases: dict[tuple[str, int], Loop] = {
+                ("floor.socket_roundtrip", 0): _case_socket_roundtrip(parent)
+            }
+            for n in sizes:
+                cases.update({
+                    ("floor.memoryview_slice", n): _case_slice(mv, n),
+                    ("shmpool.acquire_release", n): _case_acquire_release(hot, n),
+                    ("shmpool.acquire_release_cold", n): _case_cold(cold, n),
+                    ("shmpool.acquire_write_release", n): _case_acquire_write_release(hot, n),
+                    ("bytearray", n): _case_bytearray(n, False),
+                    ("bytearray.touch", n): _case_bytearray(n, True),
+                    ("shared_memory.create_unlink", n): _case_shared_memory(n, False),
+                    ("shared_memory.create_touch_unlink", n): _case_shared_memory(n, True),
+                    ("posix_ipc.create_unlink", n): _case_posix_ipc(n),
+                    ("shared_memory_manager.create", n): _case_smm(n),
+                })  # fmt: skip
+            samples = _measure(cases, trials, target_ns)
+            pairs_per_message = _pairs_per_message(hot, 4096, 100_000 if not quick else 10_000)
+            seconds = 0.5 if quick else 2.0
+            one = _scaling(manager.address, 1, seconds)
+            two = _scaling(manager.address, 2, seconds)
+            hot.close()
+            cold.close()
+    finally:
+        mv.release()
+        big.close()
+        parent.close()
+        server.join(5)
+    for (case, size), values in sorted(samples.items()):
+        results.append({
+            "case": case, "size": size, "median_ns": statistics.median(values),
+            "min_ns": min(values), "max_ns": max(values),
+        })  # fmt: skip
+    results.append(
+        {
+            "case": "scaling.1",
+            "size": 4096,
+            "median_ns": 1e9 / one,
+            "min_ns": 1e9 / one,
+            "max_ns": 1e9 / one,
+        }
+    )
+    results.append(
+        {
+            "case": "scaling.2",
+            "size": 4096,
+            "median_ns": 1e9 / two,
+            "min_ns": 1e9 / two,
+            "max_ns": 1e9 / two,
+        }
+    )
+    ratios = _ratios(results, sizes)
+    ratios["steady.pairs_per_message"] = {"value": pairs_per_message, "want": ">= 32"}
+    ratios["scaling.2_over_1"] = {"value": two / one, "want": ">= 1.7"}
+    return {"results": results, "ratios": ratios, "machine": _machine(trials, target_ns)}
+
+
+def _pairs_per_message(pool: Pool, size: int, pairs: int) -> float:
+    acquire = pool.acquire
+    acquire(size).release()
+    before = pool.messages
+    for _ in range(pairs):
+        acquire(size).release()
+    return pairs / max(1, pool.messages - before) if pool.messages > before else float(pairs)
+
+
+def _ratios(results: list[dict[str, Any]], sizes: tuple[int, ...]) -> dict[str, Any]:
+    med = {(r["case"], r["size"]): r["median_ns"] for r in results}
+    rt = med[("floor.socket_roundtrip", 0)]
+    out: dict[str, Any] = {}
+    for n in sizes:
+        s = format_size(n)
+        hot = med[("shmpool.acquire_release", n)]
+        out[f"acquire_release/memoryview_slice@{s}"] = {
+            "value": hot / med[("floor.memoryview_slice", n)],
+            "want": "<= 6",
+        }
+        out[f"shared_memory.create_unlink/acquire_release@{s}"] = {
+            "value": med[("shared_memory.create_unlink", n)] / hot,
+            "want": ">= 100",
+        }
+        out[f"bytearray/acquire_release@{s}"] = {
+            "value": med[("bytearray", n)] / hot,
+            "want": {64 << 10: ">= 2", 1 << 20: ">= 30"}.get(n, ""),
+        }
+        out[f"shared_memory.create_touch_unlink/acquire_write_release@{s}"] = {
+            "value": med[("shared_memory.create_touch_unlink", n)]
+            / med[("shmpool.acquire_write_release", n)],
+            "want": ">= 20" if n == 1 << 20 else "",
+        }
+        out[f"acquire_release_cold/socket_roundtrip@{s}"] = {
+            "value": med[("shmpool.acquire_release_cold", n)] / rt,
+            "want": "<= 1",
+        }
+    return out
+
+
+def _machine(trials: int, target_ns: int) -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "trials": trials,
+        "trial_ms": target_ns / 1e6,
+    }
+
+
+def _ok(want: str, value: float) -> str:
+    if not want:
+        return ""
+    op, bound = want.split()
+    good = value <= float(bound) if op == "<=" else value >= float(bound)
+    return "ok" if good else "MISS"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'case':<36} {'size':>7} {'median':>11} {'min':>11} {'max':>11}"]
+    for r in report["results"]:
+        lines.append(
+            f"{r['case']:<36} {format_size(r['size']) if r['size'] else '-':>7} "
+            f"{_ns(r['median_ns']):>11} {_ns(r['min_ns']):>11} {_ns(r['max_ns']):>11}"
+        )
+    lines.append("")
+    lines.append(f"{'ratio (same run)':<62} {'value':>9}  {'want':<7}")
+    for name, r in report["ratios"].items():
+        lines.append(f"{name:<62} {r['value']:>9.2f}  {r['want']:<7} {_ok(r['want'], r['value'])}")
+    m = report["machine"]
+    lines.append("")
+    lines.append(
+        f"Python {m['python']} on {m['platform']}, {m['cpus']} CPUs; "
+        f"{m['trials']} trials of ~{m['trial_ms']:.0f} ms per case"
+    )
+    return "\n".join(lines)
+
+
+def _ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} µs"
+    return f"{ns:.0f} ns"

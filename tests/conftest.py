@@ -1,0 +1,125 @@
+"""Shared fixtures: a running manager, the multiprocessing start methods, leak checks."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import shmpool
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "shmpool."
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s.
+
+    Returns the truthy value, so a test can use what it waited for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition {predicate!r} not met within {timeout} s")
+        time.sleep(interval)
+
+
+def shm_names() -> set[str]:
+    """The shmpool objects currently named in /dev/shm."""
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX)}
+    except FileNotFoundError:
+        return set()
+
+
+def open_fds() -> set[int]:
+    """This process's descriptors (``mmap`` holds one per mapped segment before 3.13)."""
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def client_entries(stats: dict[str, Any], pid: int) -> list[dict[str, Any]]:
+    """The manager's client records whose peer process is ``pid``.
+
+    Leaves out the short-lived connection ``ManagerProcess.stats()`` opens to ask.
+    """
+    return [c for c in stats["clients"] if c["pid"] == pid and c["name"] != "stats"]
+
+
+def assert_balanced(stats: dict[str, Any]) -> None:
+    """Invariant 1 of the design: per class, total == free + leased."""
+    for cls in stats["classes"]:
+        assert cls["total"] == cls["free"] + cls["leased"], cls
+        assert cls["free"] >= 0 and cls["leased"] >= 0, cls
+    assert stats["mapped_bytes"] <= stats["memory_limit"]
+
+
+def all_returned(stats: dict[str, Any]) -> bool:
+    """Every class slot is free and no oversize lease is alive."""
+    return (
+        all(cls["leased"] == 0 and cls["free"] == cls["total"] for cls in stats["classes"])
+        and stats["oversize"]["leases"] == 0
+        and stats["oversize"]["bytes"] == 0
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_multiprocessing() -> None:
+    """Start the long-lived helper processes once, so their descriptors predate every test."""
+    multiprocessing.forkserver.ensure_running()
+    multiprocessing.resource_tracker.ensure_running()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """After each test: no new shmpool name in /dev/shm, no descriptor left open."""
+    shm_before = shm_names()
+    fds_before = open_fds()
+    yield
+    # A name is only ever visible between create and unlink (microseconds), so
+    # another manager on this machine may briefly show one; a leak stays.
+    new = shm_names() - shm_before
+    if new:
+        wait_for(lambda: not (shm_names() - shm_before) & new, timeout=2)
+
+    def fds_settled() -> bool:
+        gc.collect()  # unreferenced pools, queues and sockets close their fds
+        return open_fds() <= fds_before
+
+    try:
+        wait_for(fds_settled, timeout=5, interval=0.05)
+    except AssertionError:
+        leaked = open_fds() - fds_before
+        details = {fd: _fd_target(fd) for fd in leaked}
+        pytest.fail(f"the test left file descriptors open: {details}")
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+@pytest.fixture
+def manager() -> Iterator[shmpool.ManagerProcess]:
+    """A manager with a 64 MiB budget, stopped after the test."""
+    with shmpool.start(memory="64MiB") as mgr:
+        yield mgr
+    assert not mgr.running
+
+
+@pytest.fixture(params=START_METHODS)
+def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
+    """Each multiprocessing start method in turn."""
+    return multiprocessing.get_context(request.param)
