@@ -55,7 +55,7 @@ __all__ = ["Pool", "connect"]
 log = logging.getLogger("shmpool")
 
 #: A class's cache may hold about this many bytes before surplus goes back.
-CACHE_BYTES = 8 << 20
+CACHE_BYTES = 64 << 20
 #: The first refill of a class asks for at most this many slots.
 FIRST_BATCH = 4
 #: Refills closer together than this double the class's batch (it is hot).
@@ -152,7 +152,9 @@ class Pool:
         self._oversize_home = _OversizeHome(self)
         # Indexed by (size - 1).bit_length(): every size up to min_size maps to
         # class 0; sizes above max_size fall off the end (IndexError: slow path).
-        self._lookup: Any = [self._caches[0]] * (self._min_shift + 1) + self._caches[1:]
+        # Entry 0 (size 1, and True, which equals 1) is a list that stays empty,
+        # so those take the slow path, where check_request refuses a bool.
+        self._lookup: Any = [[], *[self._caches[0]] * self._min_shift, *self._caches[1:]]
 
     # ------------------------------------------------------------ hot path
 

@@ -190,12 +190,6 @@ BAD_SIZES = [
     (True, TypeError),
     (False, TypeError),
 ]
-BOOL_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: client.Pool.acquire hot path indexes _lookup[(size - 1).bit_length()] "
-    "before any type check, so acquire(True) pops a cached class-0 slot and returns a "
-    "1-byte Lease instead of raising TypeError",
-)
 
 
 @pytest.mark.parametrize(
@@ -206,7 +200,6 @@ BOOL_BUG = pytest.mark.xfail(
             error,
             warm,
             id=f"{bad!r}-{'warm' if warm else 'cold'}",
-            marks=[BOOL_BUG] if bad is True and warm else [],
         )
         for warm in (False, True)
         for bad, error in BAD_SIZES

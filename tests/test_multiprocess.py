@@ -153,8 +153,9 @@ def test_worker_killed_while_holding_leases(manager_1m: shmpool.ManagerProcess, 
             assert entry["name"] == "doomed"
             assert entry["leased"] >= len(HELD_SIZES)
             assert held["oversize"]["leases"] == 1
-            leased = sum(c["leased"] for c in held["classes"])
-            assert leased >= sum(c["leased"] for c in before["classes"]) + len(HELD_SIZES) - 1
+            # the doomed worker's class slots (all but the oversize one) are leased
+            assert sum(c["leased"] for c in held["classes"]) >= entry["leased"] - 1
+            assert len(client_entries(before, proc.pid)) == 0
             assert_balanced(held)
 
             os.kill(proc.pid, signal.SIGKILL)
@@ -178,7 +179,7 @@ def test_worker_killed_while_holding_leases(manager_1m: shmpool.ManagerProcess, 
         # Exactly the bystander's slots are still leased; the dead worker's are free.
         (mine,) = [c for c in after["clients"] if c["name"] == "bystander"]
         assert sum(c["leased"] for c in after["classes"]) == mine["leased"]
-        assert mine["leased"] == sum(c["leased"] for c in before["classes"])
+        assert mine["leased"] >= 1  # its lease (and maybe a cache it has not given back)
         # The slots are reusable: another process can lease all the freed memory.
         freed = {c["size"]: c["free"] for c in after["classes"]}
         for c in held["classes"]:
