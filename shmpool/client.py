@@ -279,7 +279,7 @@ class Pool:
             if cache.cls >= len(caches) or caches[cache.cls] is not cache:
                 cache.clear()  # an orphan (after fork, close or a lost manager)
                 return
-            self._return(cache, self._batch[cache.cls])
+            self._return(cache, max(0, len(cache) - self._batch[cache.cls]))  # one batch goes
 
     def _return(self, cache: _Cache, keep: int) -> int:
         """Send all but ``keep`` of a cache's slots back (lock held); no reply awaited."""
