@@ -48,6 +48,9 @@ MAX_QUEUED = 256
 #: Requests served from one client per loop turn, so none can starve the rest.
 MAX_READS_PER_TURN = 64
 MAX_LISTED_CLIENTS = 1000
+#: Refused peers linger this long (or until they speak) to read why.
+REFUSE_LINGER = 1.0
+MAX_REFUSED = 64
 
 
 class _Peer:
@@ -115,6 +118,7 @@ class Manager:
         self.pid = os.getpid()
         self._peers: dict[int, _Peer] = {}
         self._by_fd: dict[int, _Peer] = {}
+        self._refused: dict[int, tuple[socket.socket, float]] = {}
         self._next_id = 1
         self._sel = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
@@ -152,6 +156,7 @@ class Manager:
                 for key, events in self._sel.select(timeout=self._next_timeout()):
                     key.data(key, events)
                 self._expire_waiting()
+                self._expire_refused()
         finally:
             self._restore_signals(old)
             self._teardown()
@@ -221,6 +226,8 @@ class Manager:
     def _teardown(self) -> None:
         for peer in list(self._peers.values()):
             self._drop(peer, "manager stopping")
+        for fd in list(self._refused):
+            self._close_refused(fd)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -282,18 +289,47 @@ class Manager:
         pid, uid, _gid = _CRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
         )
+        sock.setblocking(False)
         if uid not in self.allow_uids:
             log.warning("refused a client with uid %d (pid %d)", uid, pid)
-            with contextlib.suppress(OSError):
-                sock.send(p.encode(p.Error(0, "denied", f"uid {uid} may not use this manager")))
-            sock.close()
+            self._refuse(sock, f"uid {uid} may not use this manager")
             return
-        sock.setblocking(False)
         peer = _Peer(sock, self._next_id, pid, uid)
         self._next_id += 1
         self._peers[peer.id] = peer
         self._by_fd[sock.fileno()] = peer
         self._sel.register(sock, selectors.EVENT_READ, self._on_peer)
+
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        """Tell a refused peer why, and linger until it has read it.
+
+        Closing at once would make the peer's Hello fail with EPIPE before it
+        reads the refusal; so the socket stays open until the peer speaks or
+        hangs up, or ``REFUSE_LINGER`` passes. At most ``MAX_REFUSED`` linger.
+        """
+        try:
+            sock.send(p.encode(p.Error(0, "denied", why)))
+        except OSError:
+            sock.close()
+            return
+        while len(self._refused) >= MAX_REFUSED:
+            self._close_refused(next(iter(self._refused)))
+        self._refused[sock.fileno()] = (sock, time.monotonic() + REFUSE_LINGER)
+        self._sel.register(sock, selectors.EVENT_READ, self._on_refused)
+
+    def _on_refused(self, key: selectors.SelectorKey, events: int) -> None:
+        self._close_refused(key.fd)
+
+    def _close_refused(self, fd: int) -> None:
+        sock, _ = self._refused.pop(fd)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(sock)
+        sock.close()
+
+    def _expire_refused(self) -> None:
+        now = time.monotonic()
+        for fd in [fd for fd, (_, deadline) in self._refused.items() if deadline <= now]:
+            self._close_refused(fd)
 
     def _on_peer(self, key: selectors.SelectorKey, events: int) -> None:
         peer = self._by_fd.get(key.fd)
