@@ -318,6 +318,13 @@ class Manager:
         self._sel.register(sock, selectors.EVENT_READ, self._on_refused)
 
     def _on_refused(self, key: selectors.SelectorKey, events: int) -> None:
+        # Read what the peer sent first: closing a Unix socket with unread data
+        # resets the peer, which could then lose the refusal it has not read.
+        sock, _ = self._refused[key.fd]
+        with contextlib.suppress(OSError):
+            for _ in range(16):
+                if not sock.recv(p.MAX_REQUEST + 1):
+                    break
         self._close_refused(key.fd)
 
     def _close_refused(self, fd: int) -> None:
