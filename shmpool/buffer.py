@@ -8,7 +8,7 @@ beyond the Lease and its memoryview.
 
 from __future__ import annotations
 
-from types import TracebackType
+import os
 from typing import TYPE_CHECKING, Any
 
 from .errors import LeaseClosedError
@@ -60,16 +60,8 @@ class _Slot:
         self.home = home  # a _Cache, or an _OversizeHome
 
 
-class Lease:
-    """A leased buffer: ``view`` is a writable memoryview over shared memory.
-
-    ``len(lease.view)`` is the size asked for; ``capacity`` is the size class
-    behind it. Release it with ``release()`` or by leaving a ``with`` block;
-    releasing twice is harmless. After release, ``view`` raises
-    ``LeaseClosedError`` and the memoryview handed out earlier is released
-    too (slices taken from it are not: do not keep them). A Lease dropped
-    without release stays leased to this process until its pool closes.
-    """
+class _PyLeaseBase:
+    """The pure-Python core of Lease (the C twin is ``_speedups.LeaseBase``)."""
 
     __slots__ = ("_slot", "_view")
     _slot: _Slot
@@ -86,20 +78,6 @@ class Lease:
             raise LeaseClosedError("this lease was released; acquire a new one")
         return v
 
-    @property
-    def capacity(self) -> int:
-        """The size class of the slot (a power of two, or the oversize length)."""
-        return self._slot.capacity
-
-    @property
-    def size(self) -> int:
-        """The number of bytes asked for, ``len(lease.view)``."""
-        return len(self.view)
-
-    @property
-    def closed(self) -> bool:
-        return self._view is None
-
     def release(self) -> None:
         """Give the slot back to the pool; calling it again does nothing."""
         v = self._view
@@ -115,23 +93,72 @@ class Lease:
 
     close = release
 
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _disown(self) -> bool:
+        """Forget the slot without returning it (its ownership moved); False if closed."""
+        v = self._view
+        if v is None:
+            return False
+        self._view = None
+        v.release()
+        return True
+
+
+try:
+    if os.environ.get("SHMPOOL_NO_SPEEDUPS"):
+        raise ImportError("disabled by SHMPOOL_NO_SPEEDUPS")
+    from . import _speedups  # type: ignore[attr-defined]
+except ImportError:
+    _speedups = None
+    _LeaseBase: Any = _PyLeaseBase
+else:
+    _speedups.configure(LeaseClosedError, _Slot, _Cache)
+    _LeaseBase = _speedups.LeaseBase
+
+#: True when the C hot path is in use.
+SPEEDUPS = _speedups is not None
+
+
+class Lease(_LeaseBase):  # type: ignore[misc]
+    """A leased buffer: ``view`` is a writable memoryview over shared memory.
+
+    ``len(lease.view)`` is the size asked for; ``capacity`` is the size class
+    behind it. Release it with ``release()`` (or ``close()``) or by leaving a
+    ``with`` block; releasing twice is harmless. After release, ``view``
+    raises ``LeaseClosedError`` and the memoryview handed out earlier is
+    released too (slices taken from it are not: do not keep them). A Lease
+    dropped without release stays leased to this process until its pool
+    closes.
+    """
+
+    __slots__ = ()
+
+    @property
+    def capacity(self) -> int:
+        """The size class of the slot (a power of two, or the oversize length)."""
+        return self._slot.capacity  # type: ignore[no-any-return]
+
+    @property
+    def size(self) -> int:
+        """The number of bytes asked for, ``len(lease.view)``."""
+        return len(self.view)
+
+    @property
+    def closed(self) -> bool:
+        return self._view is None
+
     def __len__(self) -> int:
         return len(self.view)
 
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
     def __repr__(self) -> str:
         ref = self._slot.ref
-        state = "released" if self._view is None else f"size={len(self._view)}"
+        view = self._view
+        state = "released" if view is None else f"size={len(view)}"
         return f"<shmpool.Lease {ref.segment}:{ref.index} capacity={self._slot.capacity} {state}>"
 
 
@@ -139,6 +166,9 @@ _new_lease = object.__new__
 
 
 def make_lease(slot: _Slot, size: int) -> Lease:
+    """A new Lease over ``slot`` showing its first ``size`` bytes."""
+    if _speedups is not None:
+        return _speedups.make_lease(Lease, slot, size)  # type: ignore[no-any-return]
     lease: Lease = _new_lease(Lease)
     lease._slot = slot
     lease._view = slot.view[:size]

@@ -36,6 +36,7 @@ import weakref
 from types import TracebackType
 from typing import Any
 
+from . import buffer as _buffer
 from . import protocol as p
 from .address import resolve
 from .buffer import Lease, _Cache, _new_lease, _OversizeHome, _Slot, make_lease
@@ -66,6 +67,7 @@ IDLE_TIMEOUT = 5.0
 JANITOR_PERIOD = 0.05
 
 _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+_speedups: Any = vars(_buffer)["_speedups"]
 
 
 def _after_fork_in_child() -> None:
@@ -136,13 +138,23 @@ class Pool:
         sizes = [1 << (self._min_shift + i) for i in range(self._nclasses)]
         self._max_batch = [max(2, min(p.MAX_BATCH, CACHE_BYTES // s)) for s in sizes]
         self._new_caches()
+        if _speedups is not None:  # the C twin of acquire(), shadowing the method
+            self.__dict__["acquire"] = _speedups.Acquirer(self._lookup, self._acquire_slow, Lease)
         _POOLS.add(self)
 
     def _reset_counters(self) -> None:
         self.messages = 0
         self.manager_acquires = 0
-        self._acquires = 0
+        self._acquires = 0  # slow-path acquires, and hot-path ones without the C twin
         self._misses = 0
+        fast = self.__dict__.get("acquire")
+        if fast is not None:
+            fast.hits = 0
+
+    def _activity(self) -> int:
+        """How many acquires this process made (cheap: for idle detection)."""
+        fast = self.__dict__.get("acquire")
+        return self._acquires + (fast.hits if fast is not None else 0)
 
     def _new_caches(self) -> None:
         """Fresh, empty caches; slots in the old ones are no longer ours to hand out."""
@@ -155,6 +167,9 @@ class Pool:
         # Entry 0 (size 1, and True, which equals 1) is a list that stays empty,
         # so those take the slow path, where check_request refuses a bool.
         self._lookup: Any = [[], *[self._caches[0]] * self._min_shift, *self._caches[1:]]
+        fast = self.__dict__.get("acquire")
+        if fast is not None:
+            fast.lookup = self._lookup
 
     # ------------------------------------------------------------ hot path
 
@@ -464,7 +479,7 @@ class Pool:
         else:
             detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
             err = ManagerGoneError(f"lost the manager at {self.address}: {detail}")
-        self._broken = err if isinstance(err, ManagerGoneError) else ManagerGoneError(str(err))
+        self._broken = ManagerGoneError(str(err))  # a fresh one: no traceback, no cycle
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -496,7 +511,7 @@ class Pool:
     @property
     def cache_hits(self) -> int:
         """Acquires served from this process's cache since connecting."""
-        return max(0, self._acquires - self._misses)
+        return max(0, self._activity() - self._misses)
 
     def stats(self) -> dict[str, Any]:
         """The manager's statistics, plus this process's in ``"local"``.
@@ -547,6 +562,9 @@ class Pool:
             for cache in self._caches:
                 cache.clear()
             self._lookup = _Closed()
+            fast = self.__dict__.get("acquire")
+            if fast is not None:
+                fast.lookup = []  # every call takes the slow path, which raises
             if self._sock is not None and self._pid == os.getpid():
                 self._sock.close()
             self._sock = None
@@ -614,8 +632,8 @@ class _Janitor(threading.Thread):
                     return
                 pool._poll_manager()
                 now = time.monotonic()
-                if pool._acquires != seen:
-                    seen, idle_since = pool._acquires, now
+                if pool._activity() != seen:
+                    seen, idle_since = pool._activity(), now
                 elif idle is not None and now - idle_since >= idle:
                     if pool._return_idle():
                         log.debug("returned an idle cache after %.1f s", now - idle_since)
