@@ -25,6 +25,7 @@ from .errors import (
     StaleHandleError,
     UsageError,
 )
+from .handle import Handle
 from .manager import Manager
 from .report import format_stats
 from .sizeclass import parse_size
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ENV_VAR",
     "AccessDeniedError",
+    "Handle",
     "Lease",
     "LeaseClosedError",
     "Manager",

@@ -22,6 +22,7 @@ once. Class segments are kept for reuse once made.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ __all__ = ["DEFAULT_SEGMENT_BYTES", "Arena", "Backing", "Grant"]
 
 #: Small classes pack slots into segments of about this many bytes.
 DEFAULT_SEGMENT_BYTES = 4 << 20
+#: The holder of a slot in transit between clients (connection ids are > 0).
+TRANSIT = -1
 #: Oversize segments are rounded up to whole pages, not to a power of two.
 PAGE = 4096
 
@@ -73,6 +76,7 @@ class _Class:
     segments: list[Segment] = field(default_factory=list)
     total: int = 0
     leased: int = 0
+    in_transit: int = 0
 
 
 @dataclass(eq=False)
@@ -118,6 +122,8 @@ class Arena:
         self.mapped = 0
         self.oversize_leases = 0
         self.oversize_bytes = 0
+        # (segment id, index) -> (token, deadline) for slots handed between clients
+        self._transit: dict[tuple[int, int], tuple[int, float]] = {}
 
     # ------------------------------------------------------------ connections
 
@@ -135,6 +141,81 @@ class Arena:
         for seg_id, index in held:
             self._free(self._segments[seg_id], index, c)
         return len(held)
+
+    # ---------------------------------------------------------------- transit
+
+    def detach(self, conn: int, ref: SlotRef, token: int, deadline: float) -> SlotRef:
+        """Move a slot of ``conn`` in transit under ``token`` until ``deadline``.
+
+        Returns the reference an ``attach`` must name (generation + 1).
+
+        Raises:
+            StaleHandleError: ``ref`` is not a slot ``conn`` holds.
+        """
+        c = self._conns[conn]
+        seg, index = self._check(c, ref)
+        seg.holders[index] = TRANSIT
+        seg.generations[index] += 1
+        c.held.discard((seg.id, index))
+        if seg.cls is not None:
+            seg.cls.leased -= 1
+            seg.cls.in_transit += 1
+        else:
+            c.known.discard(seg.id)  # the client unmaps a detached oversize segment
+        self._transit[(seg.id, index)] = (token, deadline)
+        return SlotRef(seg.id, index, seg.generations[index])
+
+    def attach(self, conn: int, ref: SlotRef, token: int) -> Grant:
+        """Lease a slot in transit to ``conn``, if ``ref`` and ``token`` match.
+
+        Raises:
+            StaleHandleError: attached already, expired, a forged token or
+                generation, or a slot this manager never put in transit.
+        """
+        c = self._conns[conn]
+        key = (ref.segment, ref.index)
+        entry = self._transit.get(key)
+        seg = self._segments.get(ref.segment)
+        if (
+            entry is None
+            or seg is None
+            or seg.generations[ref.index] != ref.generation
+            or not hmac.compare_digest(_token_bytes(entry[0]), _token_bytes(token))
+        ):
+            raise StaleHandleError(
+                f"handle for slot {ref.segment}:{ref.index} is stale: it was attached "
+                "already, its transit time ran out, or it is forged"
+            )
+        del self._transit[key]
+        if seg.cls is not None:
+            seg.cls.in_transit -= 1
+        return self._grant(c, seg.slot_size, [(seg, ref.index)])
+
+    def awaits_detach(self, ref: SlotRef) -> bool:
+        """True if ``ref`` names a leased slot one ``detach`` away from matching.
+
+        A handle travels beside the sender's Detach, on another socket, so an
+        Attach may reach the manager first; such an Attach should wait.
+        """
+        seg = self._segments.get(ref.segment)
+        if seg is None or not 0 <= ref.index < seg.nslots:
+            return False
+        return seg.holders[ref.index] > 0 and seg.generations[ref.index] == ref.generation - 1
+
+    def expire_transit(self, now: float) -> int:
+        """Free slots whose transit deadline passed; returns how many."""
+        late = [key for key, (_, deadline) in self._transit.items() if deadline <= now]
+        for seg_id, index in late:
+            del self._transit[(seg_id, index)]
+            seg = self._segments[seg_id]
+            if seg.cls is not None:
+                seg.cls.in_transit -= 1
+                seg.cls.leased += 1  # _free counts it out of leased
+            self._free(seg, index, None)
+        return len(late)
+
+    def in_transit(self) -> int:
+        return len(self._transit)
 
     def note_message(self, conn: int, cache_hits: int | None = None) -> None:
         c = self._conns[conn]
@@ -291,10 +372,11 @@ class Arena:
             slots.append(SlotRef(seg.id, index, seg.generations[index]))
         return Grant(slot_size, slots, segments, fds)
 
-    def _free(self, seg: Segment, index: int, c: _Conn) -> None:
+    def _free(self, seg: Segment, index: int, c: _Conn | None) -> None:
         seg.holders[index] = 0
         seg.generations[index] += 1
-        c.held.discard((seg.id, index))
+        if c is not None:
+            c.held.discard((seg.id, index))
         if seg.cls is None:
             self._destroy(seg)
             for other in self._conns.values():
@@ -329,10 +411,12 @@ class Arena:
                     "total": cls.total,
                     "free": len(cls.free),
                     "leased": cls.leased,
+                    "in_transit": cls.in_transit,
                 }
                 for cls in self._classes
             ],
             "oversize": {"leases": self.oversize_leases, "bytes": self.oversize_bytes},
+            "in_transit": len(self._transit),
             "mapped_bytes": self.mapped,
             "memory_limit": self.memory,
             "min_size": self.classes.min_size,
@@ -350,3 +434,7 @@ class Arena:
                 for c in self._conns.values()
             ],
         }
+
+
+def _token_bytes(token: int) -> bytes:
+    return token.to_bytes(8, "big", signed=False)

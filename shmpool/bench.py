@@ -182,6 +182,93 @@ def _case_socket_roundtrip(sock: socket.socket) -> Loop:
     return loop
 
 
+# ------------------------------------------------------------- handoff cases
+#
+# A producer (this process) hands n-byte payloads to a consumer process, which
+# reads the first and last byte and lets go. At most WINDOW messages are in
+# flight (the consumer acks each), so no case can run ahead of the consumer.
+
+HANDOFF_SIZES = (64 << 10, 1 << 20, 16 << 20)
+WINDOW = 4
+
+
+def _handoff_consumer(address: str, kind: str, conn: Any, queue: Any) -> None:
+    pool = Pool(address, name="bench-consumer") if kind == "shmpool" else None
+    try:
+        while True:
+            if kind == "queue":
+                msg = queue.get()
+            elif kind == "pipe":
+                msg = conn.recv_bytes()
+            else:
+                msg = conn.recv()  # a Lease: unpickling attaches it here
+            if msg is None or msg == b"":
+                return
+            if kind == "shmpool":
+                view = msg.view
+                view[0] + view[-1]
+                msg.release()
+            else:
+                msg[0] + msg[-1]
+            conn.send_bytes(b"a")
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+class _Handoff:
+    """One consumer process per kind, fed by the producer loop below."""
+
+    def __init__(self, address: str, kind: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.kind = kind
+        self.conn, theirs = ctx.Pipe()
+        self.queue = ctx.Queue() if kind == "queue" else None
+        self.proc = ctx.Process(target=_handoff_consumer, args=(address, kind, theirs, self.queue))
+        self.proc.start()
+        theirs.close()
+
+    def loop(self, pool: Pool, n: int) -> Loop:
+        payload = b"\x01" * n
+        conn, queue, kind = self.conn, self.queue, self.kind
+
+        def run(iters: int) -> int:
+            inflight = 0
+            t = _perf()
+            for _ in range(iters):
+                if kind == "shmpool":
+                    lease = pool.acquire(n)
+                    view = lease.view
+                    view[0] = view[-1] = 1
+                    conn.send(lease)  # pickling detaches: the consumer attaches it
+                elif kind == "queue":
+                    assert queue is not None
+                    queue.put(payload)
+                else:
+                    conn.send_bytes(payload)
+                inflight += 1
+                if inflight >= WINDOW:
+                    conn.recv_bytes()
+                    inflight -= 1
+            while inflight:
+                conn.recv_bytes()
+                inflight -= 1
+            return _perf() - t
+
+        return run
+
+    def close(self) -> None:
+        if self.kind == "queue":
+            assert self.queue is not None
+            self.queue.put(None)
+        elif self.kind == "pipe":
+            self.conn.send_bytes(b"")
+        else:
+            self.conn.send(None)
+        self.proc.join(30)
+        self.conn.close()
+
+
 # -------------------------------------------------------------- the runner
 
 
@@ -270,7 +357,15 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
                     ("posix_ipc.create_unlink", n): _case_posix_ipc(n),
                     ("shared_memory_manager.create", n): _case_smm(n),
                 })  # fmt: skip
-            samples = _measure(cases, trials, target_ns)
+            handoffs = [_Handoff(manager.address, kind) for kind in ("shmpool", "queue", "pipe")]
+            try:
+                for h in handoffs:
+                    for n in HANDOFF_SIZES:
+                        cases[(f"handoff.{h.kind}", n)] = h.loop(hot, n)
+                samples = _measure(cases, trials, target_ns)
+            finally:
+                for h in handoffs:
+                    h.close()
             pairs_per_message = _pairs_per_message(hot, 4096, 100_000 if not quick else 10_000)
             seconds = 0.5 if quick else 2.0
             one = _scaling(manager.address, 1, seconds)
@@ -306,6 +401,16 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
         }
     )
     ratios = _ratios(results, sizes)
+    med = {(r["case"], r["size"]): r["median_ns"] for r in results}
+    for n, want in zip(HANDOFF_SIZES, (">= 4", ">= 50", ""), strict=True):
+        ratios[f"handoff.queue/handoff.shmpool (messages/s)@{format_size(n)}"] = {
+            "value": med[("handoff.queue", n)] / med[("handoff.shmpool", n)],
+            "want": want,
+        }
+        ratios[f"handoff.pipe/handoff.shmpool (messages/s)@{format_size(n)}"] = {
+            "value": med[("handoff.pipe", n)] / med[("handoff.shmpool", n)],
+            "want": "",
+        }
     ratios["steady.pairs_per_message"] = {"value": pairs_per_message, "want": ">= 32"}
     ratios["scaling.2_over_1"] = {"value": two / one, "want": ">= 1.7"}
     return {"results": results, "ratios": ratios, "machine": _machine(trials, target_ns)}

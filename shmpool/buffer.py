@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .errors import LeaseClosedError
+from .handle import Handle
 from .protocol import SlotRef
 
 if TYPE_CHECKING:
@@ -154,6 +155,28 @@ class Lease(_LeaseBase):  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self.view)
+
+    def detach(self) -> Handle:
+        """Give up this lease here and return a ``Handle`` for another process.
+
+        The Lease is unusable afterwards, as if released; the slot waits in
+        the manager until some process calls ``pool.attach(handle)`` (once),
+        or frees itself after the manager's transit timeout.
+
+        Raises:
+            LeaseClosedError: released or detached already.
+            UsageError: the lease was inherited from a parent process.
+            ManagerGoneError, PoolClosedError.
+        """
+        if self._view is None:
+            raise LeaseClosedError("this lease was released or detached already")
+        return self._slot.home.pool._detach(self)  # type: ignore[no-any-return]
+
+    def __reduce__(self) -> tuple[Any, tuple[Handle]]:
+        # Pickling hands the slot over: see shmpool.handle for when ownership moves.
+        from .client import _attach_anywhere
+
+        return (_attach_anywhere, (self.detach(),))
 
     def __repr__(self) -> str:
         ref = self._slot.ref

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
         "--acquire-wait", type=float, default=2.0,
         help="seconds a short acquire may wait for recalled slots (default 2)",
     )  # fmt: skip
+    serve.add_argument(
+        "--transit-timeout", type=float, default=30.0,
+        help="seconds a detached slot waits to be attached before it is freed (default 30)",
+    )  # fmt: skip
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
 
@@ -92,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         memory=args.memory,
         allow_uids=args.allow_uid,
         acquire_wait=args.acquire_wait,
+        transit_timeout=args.transit_timeout,
     )
     manager.serve(ready_fd=args.ready_fd, lifeline_fd=args.lifeline_fd)
     return 0

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import mmap
 import os
+import secrets
 import select
 import socket
 import struct
@@ -42,12 +43,16 @@ from .address import resolve
 from .buffer import Lease, _Cache, _new_lease, _OversizeHome, _Slot, make_lease
 from .errors import (
     AccessDeniedError,
+    LeaseClosedError,
     ManagerGoneError,
     PoolClosedError,
     ProtocolError,
     ShmpoolError,
+    StaleHandleError,
+    UsageError,
     error_from_code,
 )
+from .handle import Handle
 from .segment import map_segment
 from .sizeclass import check_request
 
@@ -131,6 +136,7 @@ class Pool:
         self._reset_counters()
         welcome = self._connect()
         self.manager_pid = welcome.manager_pid
+        self.manager_instance = welcome.instance
         self.min_size = welcome.min_size
         self.max_size = welcome.max_size
         self._min_shift = welcome.min_size.bit_length() - 1
@@ -534,6 +540,65 @@ class Pool:
         }
         return stats
 
+    # ------------------------------------------------------------ handoff
+
+    def _detach(self, lease: Lease) -> Handle:
+        slot = lease._slot
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("this pool was closed; its leases cannot be detached")
+            if self._pid != os.getpid() or slot.home is not self._home_of(slot):
+                raise UsageError("this lease belongs to another process (or connection)")
+            self._ensure_connection()
+            view = lease._view
+            if view is None:
+                raise LeaseClosedError("this lease was released or detached already")
+            length = len(view)
+            lease._disown()
+            token = secrets.randbits(63)
+            ref = slot.ref
+            self._send(p.encode(p.Detach(self._next_req(), ref, token)))
+            if slot.home is self._oversize_home:
+                self._unmap(ref.segment)  # its new holder maps it; we must not pin it
+        return Handle(
+            self.manager_instance, ref.segment, ref.index, ref.generation + 1, token,
+            length, slot.capacity,
+        )  # fmt: skip
+
+    def _home_of(self, slot: _Slot) -> Any:
+        if isinstance(slot.home, _OversizeHome):
+            return self._oversize_home
+        caches = self._caches_list()
+        index = slot.capacity.bit_length() - 1 - self._min_shift
+        return caches[index] if 0 <= index < len(caches) else None
+
+    def attach(self, handle: Handle) -> Lease:
+        """Lease the slot behind ``handle`` (from ``Lease.detach()``) to this process.
+
+        No byte is copied: the Lease shows the same memory the sender wrote.
+
+        Raises:
+            StaleHandleError: attached already, expired, forged, or issued by
+                another manager; no memory is mapped then.
+            TypeError: ``handle`` is not a ``Handle``.
+            ManagerGoneError, PoolClosedError.
+        """
+        if not isinstance(handle, Handle):
+            raise TypeError(f"attach() needs a shmpool.Handle, not {type(handle).__name__}")
+        if handle.instance != self.manager_instance:
+            raise StaleHandleError("this handle was issued by another manager")
+        if not all(type(v) is int and 0 <= v <= p.MAX_ID for v in handle):
+            raise StaleHandleError("this handle is forged: a field is out of range")
+        index = handle.capacity.bit_length() - 1 - self._min_shift
+        oversize = handle.capacity > self.max_size or handle.capacity & (handle.capacity - 1)
+        with self._lock:
+            home: Any = self._oversize_home if oversize else self._caches[max(0, index)]
+            ref = p.SlotRef(handle.segment, handle.index, handle.generation)
+            req = self._next_req()
+            slots = self._grant(req, p.encode(p.Attach(req, ref, handle.token)), home)
+        slot = slots[0]
+        return make_lease(slot, min(handle.length, slot.capacity))
+
     def trim(self) -> int:
         """Give every slot cached in this process back to the manager now.
 
@@ -677,3 +742,25 @@ def connect(
         AccessDeniedError: the manager refused this user.
     """
     return Pool(address, name=name, timeout=timeout)
+
+
+def _attach_anywhere(handle: Handle) -> Lease:
+    """Unpickle a Lease: attach its handle in a pool of this process."""
+    for pool in list(_POOLS):
+        if pool._live() and pool.manager_instance == handle.instance:
+            return pool.attach(handle)
+    pool = _default_pool()
+    return pool.attach(handle)
+
+
+_default: Pool | None = None
+_default_lock = threading.Lock()
+
+
+def _default_pool() -> Pool:
+    """The pool unpickled leases attach to when none is open: ``connect()``."""
+    global _default
+    with _default_lock:
+        if _default is None or not _default._live():
+            _default = Pool(name="shmpool-unpickle")
+        return _default

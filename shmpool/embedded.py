@@ -101,6 +101,7 @@ def start(
     address: str | os.PathLike[str] | None = None,
     timeout: float = 30.0,
     acquire_wait: float = 2.0,
+    transit_timeout: float = 30.0,
     log_level: str = "WARNING",
 ) -> ManagerProcess:
     """Start a manager in a child process and wait until it listens.
@@ -124,6 +125,7 @@ def start(
         sys.executable, "-m", "shmpool", "--log-level", log_level, "serve",
         "--address", path, "--min-size", str(min_size), "--max-size", str(max_size),
         "--memory", str(memory), "--acquire-wait", str(acquire_wait),
+        "--transit-timeout", str(transit_timeout),
         "--ready-fd", str(ready_w), "--lifeline-fd", str(life_r),
     ]  # fmt: skip
     try:

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import resource
+import secrets
 import selectors
 import signal
 import socket
@@ -34,7 +35,7 @@ from typing import Any
 from . import protocol as p
 from .address import resolve
 from .arena import DEFAULT_SEGMENT_BYTES, Arena, Backing
-from .errors import PoolExhaustedError, ProtocolError, ShmpoolError
+from .errors import PoolExhaustedError, ProtocolError, ShmpoolError, StaleHandleError
 from .segment import ShmSegment, sweep_orphans
 from .sizeclass import Classes, format_size, parse_size
 
@@ -51,6 +52,8 @@ MAX_LISTED_CLIENTS = 1000
 #: Refused peers linger this long (or until they speak) to read why.
 REFUSE_LINGER = 1.0
 MAX_REFUSED = 64
+#: How long an Attach that overtook its Detach waits for it.
+ATTACH_WAIT = 1.0
 
 
 class _Peer:
@@ -102,6 +105,7 @@ class Manager:
         segment_bytes: int | str = DEFAULT_SEGMENT_BYTES,
         allocate: Callable[[int], Backing] = ShmSegment,
         acquire_wait: float = 2.0,
+        transit_timeout: float = 30.0,
     ) -> None:
         self.address = resolve(address)
         self.classes = Classes(min_size, max_size)
@@ -114,7 +118,10 @@ class Manager:
         )
         self.allow_uids = frozenset((os.getuid(), *(allow_uids or ())))
         self.acquire_wait = acquire_wait
+        self.transit_timeout = transit_timeout
+        self.instance = secrets.randbits(63)
         self._waiting: deque[_Waiter] = deque()
+        self._attaching: list[tuple[_Peer, p.Attach, float]] = []
         self.pid = os.getpid()
         self._peers: dict[int, _Peer] = {}
         self._by_fd: dict[int, _Peer] = {}
@@ -157,6 +164,9 @@ class Manager:
                     key.data(key, events)
                 self._expire_waiting()
                 self._expire_refused()
+                self._expire_transit()
+                if self._attaching:
+                    self._serve_attaching()
         finally:
             self._restore_signals(old)
             self._teardown()
@@ -411,6 +421,24 @@ class Manager:
             except ShmpoolError as exc:  # a correct client never returns what it lacks
                 raise ProtocolError(f"bad Return: {exc}") from None
             self._serve_waiting()
+        elif isinstance(msg, p.Detach):
+            arena.note_message(peer.id)
+            deadline = time.monotonic() + self.transit_timeout
+            try:
+                arena.detach(peer.id, msg.slot, msg.token, deadline)
+            except ShmpoolError as exc:  # a correct client only detaches what it holds
+                raise ProtocolError(f"bad Detach: {exc}") from None
+            if self._attaching:
+                self._serve_attaching()
+        elif isinstance(msg, p.Attach):
+            arena.note_message(peer.id)
+            try:
+                self._attach(peer, msg)
+            except StaleHandleError:
+                if not arena.awaits_detach(msg.slot):
+                    raise
+                peer.parked = True  # its Detach is still on the way: wait for it
+                self._attaching.append((peer, msg, time.monotonic() + ATTACH_WAIT))
         elif isinstance(msg, p.Stats):
             arena.note_message(peer.id)
             self._send(peer, p.encode(p.StatsReply(msg.req, self.stats())))
@@ -479,6 +507,33 @@ class Manager:
             )
             self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, "exhausted", text)))
 
+    def _attach(self, peer: _Peer, msg: p.Attach) -> None:
+        g = self.arena.attach(peer.id, msg.slot, msg.token)
+        reply = p.Grant(msg.req, g.slot_size, tuple(g.slots), tuple(g.segments))
+        self._send(peer, p.encode(reply), g.fds)
+
+    def _serve_attaching(self) -> None:
+        """Retry Attaches that arrived before their Detach; refuse the hopeless."""
+        now = time.monotonic()
+        waiting, self._attaching = self._attaching, []
+        for peer, msg, deadline in waiting:
+            if peer.id not in self._peers:
+                continue
+            try:
+                self._attach(peer, msg)
+            except StaleHandleError as exc:
+                if deadline > now and self.arena.awaits_detach(msg.slot):
+                    self._attaching.append((peer, msg, deadline))
+                    continue
+                self._send(peer, p.encode(p.Error(msg.req, exc.code, str(exc))))
+            peer.parked = False
+
+    def _expire_transit(self) -> None:
+        """Handles nobody attached in time: their slots go back to the free lists."""
+        if self.arena.in_transit() and self.arena.expire_transit(time.monotonic()):
+            log.debug("freed slots whose handles were never attached")
+            self._serve_waiting()
+
     def _next_timeout(self) -> float:
         if not self._waiting:
             return 1.0
@@ -494,7 +549,13 @@ class Manager:
         peer.name = msg.name[:64]
         self.arena.add_conn(peer.id, peer.pid, peer.name)
         welcome = p.Welcome(
-            msg.req, p.VERSION, self.pid, self.classes.min_size, self.classes.max_size, peer.id
+            msg.req,
+            p.VERSION,
+            self.pid,
+            self.classes.min_size,
+            self.classes.max_size,
+            peer.id,
+            self.instance,
         )
         self._send(peer, p.encode(welcome))
 

@@ -41,6 +41,8 @@ __all__ = [
     "MAX_REQUEST",
     "VERSION",
     "Acquire",
+    "Attach",
+    "Detach",
     "Error",
     "Grant",
     "Hello",
@@ -246,6 +248,59 @@ class Return(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Detach(_Message):
+    """Put a leased slot in transit under ``token``; no reply.
+
+    The slot leaves this client (its generation goes up by one) and waits,
+    for at most the manager's transit timeout, for an ``Attach`` naming the
+    new generation and the same token. A bad ``Detach`` closes the connection.
+    """
+
+    TYPE: ClassVar[int] = 6
+    req: int
+    slot: SlotRef
+    token: int
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        object.__setattr__(self, "slot", SlotRef.from_wire(list(self.slot)))
+        _int(self.token, "token")
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req, list(self.slot), self.token]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Any:
+        if len(items) != 3 or type(items[1]) is not list:
+            raise TypeError("Detach is [req, [segment, index, generation], token]")
+        return cls(items[0], SlotRef.from_wire(items[1]), items[2])
+
+
+@dataclass(frozen=True, slots=True)
+class Attach(_Message):
+    """Lease a slot in transit to this client; answered by a one-slot ``Grant``."""
+
+    TYPE: ClassVar[int] = 7
+    req: int
+    slot: SlotRef
+    token: int
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        object.__setattr__(self, "slot", SlotRef.from_wire(list(self.slot)))
+        _int(self.token, "token")
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req, list(self.slot), self.token]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Any:
+        if len(items) != 3 or type(items[1]) is not list:
+            raise TypeError("Attach is [req, [segment, index, generation], token]")
+        return cls(items[0], SlotRef.from_wire(items[1]), items[2])
+
+
+@dataclass(frozen=True, slots=True)
 class Stats(_Message):
     """Ask for the manager's statistics."""
 
@@ -270,9 +325,11 @@ class Welcome(_Message):
     min_size: int
     max_size: int
     client_id: int
+    instance: int = 0  # random per manager run: tells its handles from another's
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
+        _int(self.instance, "instance")
         _int(self.version, "version", 0, 2**16)
         _int(self.manager_pid, "manager_pid", 0, 2**31)
         _int(self.min_size, "min_size", 1, MAX_BUFFER)
@@ -375,7 +432,19 @@ class Recall(_Message):
 
 
 Message = (
-    Hello | Acquire | Release | Return | Stats | Welcome | Grant | Ok | StatsReply | Error | Recall
+    Hello
+    | Acquire
+    | Release
+    | Return
+    | Detach
+    | Attach
+    | Stats
+    | Welcome
+    | Grant
+    | Ok
+    | StatsReply
+    | Error
+    | Recall
 )
 
 _TYPES: dict[int, type[Any]] = {
@@ -385,6 +454,8 @@ _TYPES: dict[int, type[Any]] = {
         Acquire,
         Release,
         Return,
+        Detach,
+        Attach,
         Stats,
         Welcome,
         Grant,
@@ -394,9 +465,9 @@ _TYPES: dict[int, type[Any]] = {
         Recall,
     )
 }
-REQUESTS = (Hello, Acquire, Release, Return, Stats)
+REQUESTS = (Hello, Acquire, Release, Return, Detach, Attach, Stats)
 #: Requests that get no reply when they succeed.
-NO_REPLY = (Return,)
+NO_REPLY = (Return, Detach)
 REPLIES = (Welcome, Grant, Ok, StatsReply, Error, Recall)
 
 _pack = msgpack.Packer(use_bin_type=True).pack

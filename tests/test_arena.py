@@ -208,6 +208,7 @@ def test_release_returns_the_count_and_frees_the_slots() -> None:
         "total": 6,
         "free": 3,
         "leased": 3,
+        "in_transit": 0,
     }
     assert arena.release(1, iter(grant.slots[2:])) == 3
     assert arena.held_by(1) == 0
@@ -340,6 +341,7 @@ def test_drop_conn_returns_every_slot_to_the_free_lists() -> None:
         "total": 2,
         "free": 2,
         "leased": 0,
+        "in_transit": 0,
     }
     assert stats["oversize"] == {"leases": 0, "bytes": 0}
     assert arena.held_by(2) == 2
@@ -575,7 +577,14 @@ def test_stats_shape() -> None:
     assert [c["size"] for c in stats["classes"]] == SIZES
     for c in stats["classes"]:
         assert {"size", "segments", "total", "free", "leased"} <= c.keys()
-    assert stats["classes"][1] == {"size": 32, "segments": 1, "total": 2, "free": 0, "leased": 2}
+    assert stats["classes"][1] == {
+        "size": 32,
+        "segments": 1,
+        "total": 2,
+        "free": 0,
+        "leased": 2,
+        "in_transit": 0,
+    }
     assert stats["oversize"] == {"leases": 0, "bytes": 0}
     assert stats["mapped_bytes"] == 64
     assert stats["memory_limit"] == 12345

@@ -28,6 +28,7 @@ PER_SIZE = (
     "floor.memoryview_slice",
 )
 ONCE = ("floor.socket_roundtrip", "scaling.1", "scaling.2")
+HANDOFF = ("handoff.shmpool", "handoff.queue", "handoff.pipe")
 #: The CLI run is only worth it while it stays a smoke test.
 CLI_BUDGET = 60
 
@@ -51,7 +52,11 @@ def _check_report(report: dict[str, Any], sizes: tuple[int, ...]) -> None:
     for case in ONCE:
         assert case in names, case
         assert sum(1 for c, _ in keys if c == case) == 1, case
-    assert names == set(PER_SIZE) | set(ONCE), names - set(PER_SIZE) - set(ONCE)
+    for case in HANDOFF:
+        for size in bench.HANDOFF_SIZES:
+            assert (case, size) in keys, (case, size)
+    expected = set(PER_SIZE) | set(ONCE) | set(HANDOFF)
+    assert names == expected, names ^ expected
     for r in results:
         assert set(r) == {"case", "size", "median_ns", "min_ns", "max_ns"}, r
         assert isinstance(r["case"], str) and isinstance(r["size"], int)

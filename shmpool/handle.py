@@ -1,0 +1,39 @@
+"""Handles: a leased slot on its way from one process to another.
+
+Ownership moves in two steps. ``lease.detach()`` tells the manager (one
+message, no reply) that the slot is *in transit* under a fresh random token,
+and returns a ``Handle`` naming the slot, its next generation and that token.
+``pool.attach(handle)`` in any process connected to the same manager asks
+the manager to lease the slot to that process; it succeeds once. A handle
+that is attached twice, arrives after the transit timeout, carries a forged
+token or generation, or comes from another manager is refused with
+``StaleHandleError`` before any memory is mapped. A handle nobody attaches
+frees its slot when the transit timeout passes, so a dropped handle or a
+sender that dies leaks nothing.
+
+Pickling a Lease (a ``multiprocessing.Queue``, a ``Pipe``, ``Pool.map``
+arguments and results) detaches it at pickling time and attaches it at
+unpickling time, in a pool of the receiving process connected to the same
+manager (an open one, else ``shmpool.connect()``, i.e. ``$SHMPOOL_ADDRESS``).
+The sender's Lease is closed from that moment: two processes can never both
+write it, and a message that is never received frees the slot after the
+transit timeout.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["Handle"]
+
+
+class Handle(NamedTuple):
+    """A picklable reference to a slot in transit; give it to ``Pool.attach``."""
+
+    instance: int  # the manager run that issued it
+    segment: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose
+    generation: int
+    token: int
+    length: int  # the bytes the lease showed
+    capacity: int  # the slot's size class (or oversize length)
