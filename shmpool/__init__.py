@@ -28,6 +28,7 @@ from .errors import (
 from .handle import Handle
 from .manager import Manager
 from .report import format_stats
+from .sharedbuffer import SharedBuffer
 from .sizeclass import parse_size
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "PoolClosedError",
     "PoolExhaustedError",
     "ProtocolError",
+    "SharedBuffer",
     "ShmpoolError",
     "StaleHandleError",
     "UsageError",

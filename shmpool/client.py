@@ -54,6 +54,7 @@ from .errors import (
 )
 from .handle import Handle
 from .segment import map_segment
+from .sharedbuffer import SharedBuffer
 from .sizeclass import check_request
 
 __all__ = ["Pool", "connect"]
@@ -599,6 +600,17 @@ class Pool:
         slot = slots[0]
         return make_lease(slot, min(handle.length, slot.capacity))
 
+    def buffer(self, size_hint: int = 0) -> SharedBuffer:
+        """A growable file-like ``SharedBuffer`` in this pool (see ``shmpool.SharedBuffer``).
+
+        ``size_hint`` bytes are reserved at once (none if 0: the first write does).
+        """
+        return SharedBuffer(self, size_hint)
+
+    def attach_buffer(self, handle: Handle) -> SharedBuffer:
+        """Rebuild a ``SharedBuffer`` from ``SharedBuffer.detach()`` (raises as ``attach``)."""
+        return SharedBuffer(self, _lease=self.attach(handle))
+
     def trim(self) -> int:
         """Give every slot cached in this process back to the manager now.
 
@@ -744,13 +756,22 @@ def connect(
     return Pool(address, name=name, timeout=timeout)
 
 
-def _attach_anywhere(handle: Handle) -> Lease:
-    """Unpickle a Lease: attach its handle in a pool of this process."""
+def _pool_for(handle: Handle) -> Pool:
+    """A live pool of this process connected to the manager that issued ``handle``."""
     for pool in list(_POOLS):
         if pool._live() and pool.manager_instance == handle.instance:
-            return pool.attach(handle)
-    pool = _default_pool()
-    return pool.attach(handle)
+            return pool
+    return _default_pool()
+
+
+def _attach_anywhere(handle: Handle) -> Lease:
+    """Unpickle a Lease: attach its handle in a pool of this process."""
+    return _pool_for(handle).attach(handle)
+
+
+def _attach_buffer_anywhere(handle: Handle) -> SharedBuffer:
+    """Unpickle a SharedBuffer."""
+    return _pool_for(handle).attach_buffer(handle)
 
 
 _default: Pool | None = None

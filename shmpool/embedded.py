@@ -129,7 +129,13 @@ def start(
         "--ready-fd", str(ready_w), "--lifeline-fd", str(life_r),
     ]  # fmt: skip
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(ready_w, life_r), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(ready_w, life_r),
+            start_new_session=True,
+            cwd=os.path.dirname(path),  # no stray ./shmpool may shadow ours there
+            env=_child_env(),
+        )
     except BaseException:
         for fd in (ready_r, ready_w, life_r, life_w):
             os.close(fd)
@@ -154,6 +160,19 @@ def start(
             proc.wait()
         raise ShmpoolError(f"the manager failed to start: {status or 'it exited'}")
     return ManagerProcess(proc, path, life_w)
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment, with the directory this shmpool came from first on the path.
+
+    The manager must run the very package this process imported (an installed
+    one, or a source tree on ``sys.path``), not whatever ``python -m`` would
+    find in the current directory.
+    """
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _read_ready(fd: int, timeout: float) -> str:
