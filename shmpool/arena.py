@@ -38,6 +38,8 @@ __all__ = ["DEFAULT_SEGMENT_BYTES", "Arena", "Backing", "Grant"]
 DEFAULT_SEGMENT_BYTES = 4 << 20
 #: The holder of a slot in transit between clients (connection ids are > 0).
 TRANSIT = -1
+#: The holder of a slot shared read-only by several clients.
+SHARED = -2
 #: Oversize segments are rounded up to whole pages, not to a power of two.
 PAGE = 4096
 
@@ -91,6 +93,16 @@ class _Conn:
     cache_hits: int = 0
 
 
+@dataclass(eq=False)
+class _Share:
+    """A slot published to several readers: who holds it, how many may still attach."""
+
+    token: int
+    pending: int
+    deadline: float
+    readers: dict[int, int] = field(default_factory=dict)  # conn id -> leases held
+
+
 @dataclass(frozen=True)
 class Grant:
     """What ``Arena.acquire`` hands out: slots, and segments new to the client."""
@@ -124,6 +136,7 @@ class Arena:
         self.oversize_bytes = 0
         # (segment id, index) -> (token, deadline) for slots handed between clients
         self._transit: dict[tuple[int, int], tuple[int, float]] = {}
+        self._shares: dict[tuple[int, int], _Share] = {}
 
     # ------------------------------------------------------------ connections
 
@@ -140,6 +153,9 @@ class Arena:
         held = list(c.held)
         for seg_id, index in held:
             self._free(self._segments[seg_id], index, c)
+        for key, share in list(self._shares.items()):
+            if share.readers.pop(conn, 0):
+                self._settle_share(key)
         return len(held)
 
     # ---------------------------------------------------------------- transit
@@ -165,6 +181,53 @@ class Arena:
         self._transit[(seg.id, index)] = (token, deadline)
         return SlotRef(seg.id, index, seg.generations[index])
 
+    def share(self, conn: int, ref: SlotRef, token: int, readers: int, deadline: float) -> SlotRef:
+        """Publish a slot of ``conn`` to ``readers`` attaches, read-only.
+
+        The slot stays leased (to the group) until every reader that attached
+        has released it and no attach is pending; attaches not made by
+        ``deadline`` lapse. Returns the reference readers must name.
+
+        Raises:
+            StaleHandleError: ``ref`` is not a slot ``conn`` holds.
+        """
+        c = self._conns[conn]
+        seg, index = self._check(c, ref)
+        seg.holders[index] = SHARED
+        seg.generations[index] += 1
+        c.held.discard((seg.id, index))
+        if seg.cls is None:
+            c.known.discard(seg.id)  # the client unmaps it; a reader maps it anew
+        self._shares[(seg.id, index)] = _Share(token, readers, deadline)
+        return SlotRef(seg.id, index, seg.generations[index])
+
+    def _attach_shared(self, c: _Conn, seg: Segment, ref: SlotRef, token: int) -> Grant:
+        share = self._shares[(seg.id, ref.index)]
+        if (
+            share.pending <= 0
+            or seg.generations[ref.index] != ref.generation
+            or not hmac.compare_digest(_token_bytes(share.token), _token_bytes(token))
+        ):
+            raise StaleHandleError(
+                f"shared slot {ref.segment}:{ref.index}: every reader attached already, "
+                "the time to attach ran out, or the handle is forged"
+            )
+        share.pending -= 1
+        share.readers[c.id] = share.readers.get(c.id, 0) + 1
+        segments, fds = [], []
+        if seg.id not in c.known:
+            c.known.add(seg.id)
+            segments.append(seg.info())
+            fds.append(seg.backing.fd)
+        return Grant(seg.slot_size, [SlotRef(seg.id, ref.index, ref.generation)], segments, fds)
+
+    def _settle_share(self, key: tuple[int, int]) -> None:
+        """Free a shared slot once nobody holds it and nobody may attach."""
+        share = self._shares[key]
+        if share.pending <= 0 and not share.readers:
+            del self._shares[key]
+            self._free(self._segments[key[0]], key[1], None)
+
     def attach(self, conn: int, ref: SlotRef, token: int) -> Grant:
         """Lease a slot in transit to ``conn``, if ``ref`` and ``token`` match.
 
@@ -176,6 +239,8 @@ class Arena:
         key = (ref.segment, ref.index)
         entry = self._transit.get(key)
         seg = self._segments.get(ref.segment)
+        if seg is not None and key in self._shares:
+            return self._attach_shared(c, seg, ref, token)
         if (
             entry is None
             or seg is None
@@ -204,6 +269,10 @@ class Arena:
 
     def expire_transit(self, now: float) -> int:
         """Free slots whose transit deadline passed; returns how many."""
+        lapsed = [key for key, sh in self._shares.items() if sh.pending and sh.deadline <= now]
+        for key in lapsed:
+            self._shares[key].pending = 0
+            self._settle_share(key)
         late = [key for key, (_, deadline) in self._transit.items() if deadline <= now]
         for seg_id, index in late:
             del self._transit[(seg_id, index)]
@@ -212,10 +281,11 @@ class Arena:
                 seg.cls.in_transit -= 1
                 seg.cls.leased += 1  # _free counts it out of leased
             self._free(seg, index, None)
-        return len(late)
+        return len(late) + len(lapsed)
 
     def in_transit(self) -> int:
-        return len(self._transit)
+        """Slots waiting for an attach (in transit, or shared with attaches pending)."""
+        return len(self._transit) + sum(1 for sh in self._shares.values() if sh.pending)
 
     def note_message(self, conn: int, cache_hits: int | None = None) -> None:
         c = self._conns[conn]
@@ -286,12 +356,31 @@ class Arena:
                 someone else, or an old generation; nothing is released then.
         """
         c = self._conns[conn]
-        checked = [self._check(c, ref) for ref in refs]
-        if len({(s.id, i) for s, i in checked}) != len(checked):
+        refs = list(refs)
+        shared = [ref for ref in refs if self._is_shared_by(c, ref)]
+        checked = [self._check(c, ref) for ref in refs if ref not in shared]
+        if len({(s.id, i) for s, i in checked}) != len(checked) or len(set(shared)) != len(shared):
             raise StaleHandleError("the same slot appears twice in one release")
         for seg, index in checked:
             self._free(seg, index, c)
-        return len(checked)
+        for ref in shared:
+            key = (ref.segment, ref.index)
+            readers = self._shares[key].readers
+            readers[c.id] -= 1
+            if not readers[c.id]:
+                del readers[c.id]
+            self._settle_share(key)
+        return len(refs)
+
+    def _is_shared_by(self, c: _Conn, ref: SlotRef) -> bool:
+        share = self._shares.get((ref.segment, ref.index))
+        seg = self._segments.get(ref.segment)
+        return (
+            share is not None
+            and seg is not None
+            and seg.generations[ref.index] == ref.generation
+            and share.readers.get(c.id, 0) > 0
+        )
 
     def _check(self, c: _Conn, ref: SlotRef) -> tuple[Segment, int]:
         seg = self._segments.get(ref.segment)
@@ -417,6 +506,7 @@ class Arena:
             ],
             "oversize": {"leases": self.oversize_leases, "bytes": self.oversize_bytes},
             "in_transit": len(self._transit),
+            "shared": len(self._shares),
             "mapped_bytes": self.mapped,
             "memory_limit": self.memory,
             "min_size": self.classes.min_size,

@@ -49,6 +49,15 @@ class _OversizeHome:
         return 0
 
 
+class _SharedHome(_OversizeHome):
+    """Where a reader's share of a slot goes on release: back to the manager."""
+
+    __slots__ = ()
+
+    def append(self, slot: _Slot) -> None:
+        self.pool._release_shared(slot)
+
+
 class _Slot:
     """A slot this process holds (in a Lease or in its local cache)."""
 
@@ -171,6 +180,24 @@ class Lease(_LeaseBase):  # type: ignore[misc]
         if self._view is None:
             raise LeaseClosedError("this lease was released or detached already")
         return self._slot.home.pool._detach(self)  # type: ignore[no-any-return]
+
+    def share(self, readers: int = 1) -> Handle:
+        """Publish this buffer read-only to ``readers`` attaches of the returned handle.
+
+        Like ``detach()``, the Lease is unusable here afterwards. Each
+        ``pool.attach(handle)``, in any process, gives a Lease with a read-only
+        view of the same memory; the slot returns to the pool when the last
+        of them is released.
+
+        Raises:
+            ValueError: ``readers`` is not 1..65536.
+            LeaseClosedError, UsageError, ManagerGoneError, PoolClosedError.
+        """
+        if type(readers) is not int or not 1 <= readers <= 1 << 16:
+            raise ValueError(f"readers must be an int in 1..65536, not {readers!r}")
+        if self._view is None:
+            raise LeaseClosedError("this lease was released or detached already")
+        return self._slot.home.pool._detach(self, readers)  # type: ignore[no-any-return]
 
     def __reduce__(self) -> tuple[Any, tuple[Handle]]:
         # Pickling hands the slot over: see shmpool.handle for when ownership moves.

@@ -40,7 +40,7 @@ from typing import Any
 from . import buffer as _buffer
 from . import protocol as p
 from .address import resolve
-from .buffer import Lease, _Cache, _new_lease, _OversizeHome, _Slot, make_lease
+from .buffer import Lease, _Cache, _new_lease, _OversizeHome, _SharedHome, _Slot, make_lease
 from .errors import (
     AccessDeniedError,
     LeaseClosedError,
@@ -169,6 +169,7 @@ class Pool:
         self._last_refill = [0.0] * self._nclasses
         self._caches = [_Cache(self, i, 2 * b) for i, b in enumerate(self._batch)]
         self._oversize_home = _OversizeHome(self)
+        self._shared_home = _SharedHome(self)
         # Indexed by (size - 1).bit_length(): every size up to min_size maps to
         # class 0; sizes above max_size fall off the end (IndexError: slow path).
         # Entry 0 (size 1, and True, which equals 1) is a list that stays empty,
@@ -246,6 +247,14 @@ class Pool:
         self._acquires += 1
         self._misses += 1
         return make_lease(slots[0], size)
+
+    def _release_shared(self, slot: _Slot) -> None:
+        """A reader let go of a shared slot: tell the manager (no reply awaited)."""
+        with self._lock:
+            if slot.home is self._shared_home and self._live():
+                self._send(p.encode_return(self._next_req(), [slot.ref], self.cache_hits))
+            # An oversize segment stays mapped here (another reader lease of this
+            # process may use it, and the manager will not send it twice).
 
     def _release_oversize(self, slot: _Slot) -> None:
         with self._lock:
@@ -543,7 +552,7 @@ class Pool:
 
     # ------------------------------------------------------------ handoff
 
-    def _detach(self, lease: Lease) -> Handle:
+    def _detach(self, lease: Lease, readers: int = 0) -> Handle:
         slot = lease._slot
         with self._lock:
             if self._closed:
@@ -558,17 +567,22 @@ class Pool:
             lease._disown()
             token = secrets.randbits(63)
             ref = slot.ref
-            self._send(p.encode(p.Detach(self._next_req(), ref, token)))
+            if readers:
+                self._send(p.encode(p.Share(self._next_req(), ref, token, readers)))
+            else:
+                self._send(p.encode(p.Detach(self._next_req(), ref, token)))
             if slot.home is self._oversize_home:
                 self._unmap(ref.segment)  # its new holder maps it; we must not pin it
         return Handle(
             self.manager_instance, ref.segment, ref.index, ref.generation + 1, token,
-            length, slot.capacity,
+            length, slot.capacity, readers,
         )  # fmt: skip
 
     def _home_of(self, slot: _Slot) -> Any:
         if isinstance(slot.home, _OversizeHome):
             return self._oversize_home
+        if isinstance(slot.home, _SharedHome):
+            return None  # a reader's lease cannot be handed on
         caches = self._caches_list()
         index = slot.capacity.bit_length() - 1 - self._min_shift
         return caches[index] if 0 <= index < len(caches) else None
@@ -593,11 +607,16 @@ class Pool:
         index = handle.capacity.bit_length() - 1 - self._min_shift
         oversize = handle.capacity > self.max_size or handle.capacity & (handle.capacity - 1)
         with self._lock:
-            home: Any = self._oversize_home if oversize else self._caches[max(0, index)]
+            if handle.readers:
+                home: Any = self._shared_home
+            else:
+                home = self._oversize_home if oversize else self._caches[max(0, index)]
             ref = p.SlotRef(handle.segment, handle.index, handle.generation)
             req = self._next_req()
             slots = self._grant(req, p.encode(p.Attach(req, ref, handle.token)), home)
         slot = slots[0]
+        if handle.readers:
+            slot.view = slot.view.toreadonly()
         return make_lease(slot, min(handle.length, slot.capacity))
 
     def buffer(self, size_hint: int = 0) -> SharedBuffer:

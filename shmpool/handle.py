@@ -18,6 +18,13 @@ manager (an open one, else ``shmpool.connect()``, i.e. ``$SHMPOOL_ADDRESS``).
 The sender's Lease is closed from that moment: two processes can never both
 write it, and a message that is never received frees the slot after the
 transit timeout.
+
+Many readers: ``lease.share(readers=n)`` publishes the slot read-only to up
+to ``n`` attaches of the same handle (in any processes, one process may
+attach more than once); each gets a Lease whose view is read-only. The owner
+gives up its lease as with ``detach``. The slot returns to the pool when the
+last reader releases it (or dies) and no attach is pending; attaches not
+made within the transit timeout lapse.
 """
 
 from __future__ import annotations
@@ -37,3 +44,4 @@ class Handle(NamedTuple):
     token: int
     length: int  # the bytes the lease showed
     capacity: int  # the slot's size class (or oversize length)
+    readers: int = 0  # > 0: from Lease.share(); each attach is a read-only reader

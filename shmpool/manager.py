@@ -430,6 +430,15 @@ class Manager:
                 raise ProtocolError(f"bad Detach: {exc}") from None
             if self._attaching:
                 self._serve_attaching()
+        elif isinstance(msg, p.Share):
+            arena.note_message(peer.id)
+            deadline = time.monotonic() + self.transit_timeout
+            try:
+                arena.share(peer.id, msg.slot, msg.token, msg.readers, deadline)
+            except ShmpoolError as exc:  # a correct client only shares what it holds
+                raise ProtocolError(f"bad Share: {exc}") from None
+            if self._attaching:
+                self._serve_attaching()
         elif isinstance(msg, p.Attach):
             arena.note_message(peer.id)
             try:

@@ -52,6 +52,7 @@ __all__ = [
     "Release",
     "Return",
     "SegmentInfo",
+    "Share",
     "SlotRef",
     "Stats",
     "StatsReply",
@@ -72,6 +73,8 @@ MAX_FDS = 64
 MAX_ID = 2**63 - 1
 MAX_BUFFER = 1 << MAX_SHIFT
 MAX_TEXT = 1024
+#: Most readers one shared slot may be published to.
+MAX_READERS = 1 << 16
 
 
 def _int(value: Any, name: str, lo: int = 0, hi: int = MAX_ID) -> None:
@@ -277,6 +280,37 @@ class Detach(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Share(_Message):
+    """Publish a leased slot read-only to ``readers`` attaches; no reply.
+
+    Like ``Detach``, the slot leaves this client (generation + 1); up to
+    ``readers`` Attaches naming the new generation and the token may join it
+    before the transit timeout; it is freed when the last reader releases it.
+    """
+
+    TYPE: ClassVar[int] = 8
+    req: int
+    slot: SlotRef
+    token: int
+    readers: int
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        object.__setattr__(self, "slot", SlotRef.from_wire(list(self.slot)))
+        _int(self.token, "token")
+        _int(self.readers, "readers", 1, MAX_READERS)
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req, list(self.slot), self.token, self.readers]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Any:
+        if len(items) != 4 or type(items[1]) is not list:
+            raise TypeError("Share is [req, [segment, index, generation], token, readers]")
+        return cls(items[0], SlotRef.from_wire(items[1]), items[2], items[3])
+
+
+@dataclass(frozen=True, slots=True)
 class Attach(_Message):
     """Lease a slot in transit to this client; answered by a one-slot ``Grant``."""
 
@@ -437,6 +471,7 @@ Message = (
     | Release
     | Return
     | Detach
+    | Share
     | Attach
     | Stats
     | Welcome
@@ -455,6 +490,7 @@ _TYPES: dict[int, type[Any]] = {
         Release,
         Return,
         Detach,
+        Share,
         Attach,
         Stats,
         Welcome,
@@ -465,9 +501,9 @@ _TYPES: dict[int, type[Any]] = {
         Recall,
     )
 }
-REQUESTS = (Hello, Acquire, Release, Return, Detach, Attach, Stats)
+REQUESTS = (Hello, Acquire, Release, Return, Detach, Share, Attach, Stats)
 #: Requests that get no reply when they succeed.
-NO_REPLY = (Return, Detach)
+NO_REPLY = (Return, Detach, Share)
 REPLIES = (Welcome, Grant, Ok, StatsReply, Error, Recall)
 
 _pack = msgpack.Packer(use_bin_type=True).pack

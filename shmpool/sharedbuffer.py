@@ -9,8 +9,12 @@ Growth: when a write does not fit, the buffer moves to a larger size class
 (at least double, as ``bytes.Buffer`` does): it acquires the larger slot,
 copies what it holds, and releases the smaller one. It never grows past what
 the pool allows: ``PoolExhaustedError`` then, with the buffer unchanged.
-As with ``io.BytesIO``, it refuses to move (``BufferError``) while a view
-from ``getbuffer()`` is still alive.
+As with ``io.BytesIO``, it refuses to move (``BufferError``) while the view
+``getbuffer()`` returned is still alive. Views derived from it (a slice, a
+numpy array) cannot be counted on Python 3.11, so a slot that ever lent a
+view is kept, not recycled, when the buffer outgrows it, until the buffer is
+closed or detached: such a view only ever sees this buffer's old bytes,
+never another lease's.
 
 Handing it over: ``detach()`` returns a ``Handle`` (the logical length is
 its ``length``), ``pool.attach_buffer(handle)`` rebuilds the buffer in
@@ -20,6 +24,7 @@ another process, and pickling does both, as for a Lease.
 from __future__ import annotations
 
 import io
+import operator
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +56,10 @@ class SharedBuffer(io.BufferedIOBase):
         self._view = memoryview(b"") if _lease is None else self._lease_view(_lease)
         self._pos = 0
         self._exports: list[memoryview] = []
+        # Slots outgrown: kept, not recycled, until close() or detach(), so a
+        # view derived from an old getbuffer() can never reach another lease.
+        self._retired: list[Lease] = []
+        self._exported = False  # getbuffer() was called on the current slot
 
     # ------------------------------------------------------------- growth
 
@@ -68,7 +77,11 @@ class SharedBuffer(io.BufferedIOBase):
         view[: self._len] = self._view[: self._len]
         old, self._lease, self._view = self._lease, new, view
         if old is not None:
-            old.release()
+            if self._exported:
+                self._retired.append(old)
+            else:
+                old.release()
+        self._exported = False
 
     @staticmethod
     def _lease_view(lease: Lease) -> memoryview:
@@ -112,6 +125,8 @@ class SharedBuffer(io.BufferedIOBase):
         self._check_open()
         with memoryview(data) as src, src.cast("B") as b:
             n = len(b)
+            if not n:
+                return 0  # as io.BytesIO: an empty write changes nothing
             end = self._pos + n
             self._reserve(end)
             if self._pos > self._len:  # a seek past the end: fill the gap with zeros
@@ -143,6 +158,7 @@ class SharedBuffer(io.BufferedIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._check_open()
+        offset = operator.index(offset)  # TypeError for a float, as io.BytesIO
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}.get(whence)
         if base is None:
             raise ValueError(f"invalid whence ({whence})")
@@ -173,6 +189,7 @@ class SharedBuffer(io.BufferedIOBase):
         self._check_open()
         view = self._view[: self._len]
         self._exports.append(view)
+        self._exported = True
         return view
 
     def __len__(self) -> int:
@@ -187,7 +204,13 @@ class SharedBuffer(io.BufferedIOBase):
         self._view = memoryview(b"")
         if lease is not None:
             lease.release()
+        self._release_retired()
         super().close()
+
+    def _release_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for old in retired:
+            old.release()
 
     # ----------------------------------------------------------- handoff
 
@@ -206,6 +229,7 @@ class SharedBuffer(io.BufferedIOBase):
         lease = self._lease
         assert lease is not None
         handle = lease.detach()
+        self._release_retired()
         self._lease = None
         self._view = memoryview(b"")
         super().close()

@@ -57,9 +57,9 @@ def client_entries(stats: dict[str, Any], pid: int) -> list[dict[str, Any]]:
 
 
 def assert_balanced(stats: dict[str, Any]) -> None:
-    """Invariant 1 of the design: per class, total == free + leased."""
+    """Invariant 1 of the design: per class, total == free + leased + in_transit."""
     for cls in stats["classes"]:
-        assert cls["total"] == cls["free"] + cls["leased"], cls
+        assert cls["total"] == cls["free"] + cls["leased"] + cls.get("in_transit", 0), cls
         assert cls["free"] >= 0 and cls["leased"] >= 0, cls
     assert stats["mapped_bytes"] <= stats["memory_limit"]
 

@@ -258,6 +258,7 @@ def test_handle_fields() -> None:
         "token",
         "length",
         "capacity",
+        "readers",
     )
 
 
