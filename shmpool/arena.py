@@ -283,6 +283,14 @@ class Arena:
             self._free(seg, index, None)
         return len(late) + len(lapsed)
 
+    def next_deadline(self) -> float | None:
+        """The earliest time a transit or a pending share attach lapses, if any."""
+        if not self._transit and not self._shares:
+            return None
+        times = [deadline for _, deadline in self._transit.values()]
+        times += [sh.deadline for sh in self._shares.values() if sh.pending]
+        return min(times) if times else None
+
     def in_transit(self) -> int:
         """Slots waiting for an attach (in transit, or shared with attaches pending)."""
         return len(self._transit) + sum(1 for sh in self._shares.values() if sh.pending)

@@ -216,6 +216,107 @@ def _handoff_consumer(address: str, kind: str, conn: Any, queue: Any) -> None:
             pool.close()
 
 
+def _iox_service(name: str) -> tuple[Any, Any, Any]:
+    import ctypes
+
+    import iceoryx2 as iox2
+
+    iox2.set_log_level(iox2.LogLevel.Error)
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    service = (
+        node.service_builder(iox2.ServiceName.new(name))
+        .publish_subscribe(iox2.Slice[ctypes.c_byte])
+        .subscriber_max_buffer_size(2 * WINDOW)
+        .open_or_create()
+    )
+    return iox2, node, service
+
+
+def _iox_consumer(name: str, conn: Any) -> None:
+    """The iceoryx2 consumer: poll the subscriber (as its examples do), ack on the pipe."""
+    _, _node, service = _iox_service(name)
+    sub = service.subscriber_builder().create()
+    conn.send_bytes(b"ready")
+    while True:
+        sample = sub.receive()
+        if sample is None:
+            os.sched_yield()
+            continue
+        data = sample.payload()
+        n = data.len()
+        if n == 1:
+            return
+        data[0] + data[n - 1]
+        del data, sample
+        conn.send_bytes(b"a")
+
+
+class _IoxHandoff:
+    """``handoff.iceoryx2``: the same loop over an iceoryx2 publish-subscribe service."""
+
+    kind = "iceoryx2"
+
+    def __init__(self) -> None:
+        name = f"shmpool-bench-{os.getpid()}-{secrets.token_hex(4)}"
+        self.iox2, self.node, self.service = _iox_service(name)
+        self.publisher = (
+            self.service.publisher_builder()
+            .initial_max_slice_len(max(HANDOFF_SIZES))
+            .allocation_strategy(self.iox2.AllocationStrategy.PowerOfTwo)
+            .create()
+        )
+        ctx = mp.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        self.proc = ctx.Process(target=_iox_consumer, args=(name, theirs))
+        self.proc.start()
+        theirs.close()
+        if not self.conn.poll(60):
+            raise RuntimeError("the iceoryx2 consumer did not start")
+        self.conn.recv_bytes()
+
+    def _send(self, n: int) -> None:
+        sample = self.publisher.loan_slice_uninit(n)
+        payload = sample.payload()
+        payload[0] = 1
+        payload[n - 1] = 1
+        del payload
+        sample.assume_init().send()
+
+    def loop(self, pool: Pool, n: int) -> Loop:
+        conn = self.conn
+
+        def run(iters: int) -> int:
+            inflight = 0
+            t = _perf()
+            for _ in range(iters):
+                self._send(n)
+                inflight += 1
+                if inflight >= WINDOW:
+                    conn.recv_bytes()
+                    inflight -= 1
+            while inflight:
+                conn.recv_bytes()
+                inflight -= 1
+            return _perf() - t
+
+        return run
+
+    def close(self) -> None:
+        self._send(1)
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.conn.close()
+
+
+def _iceoryx2_available() -> bool:
+    try:
+        import iceoryx2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class _Handoff:
     """One consumer process per kind, fed by the producer loop below."""
 
@@ -362,7 +463,11 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
                     ("posix_ipc.create_unlink", n): _case_posix_ipc(n),
                     ("shared_memory_manager.create", n): _case_smm(n),
                 })  # fmt: skip
-            handoffs = [_Handoff(manager.address, kind) for kind in ("shmpool", "queue", "pipe")]
+            handoffs: list[Any] = [
+                _Handoff(manager.address, kind) for kind in ("shmpool", "queue", "pipe")
+            ]
+            if _iceoryx2_available():
+                handoffs.append(_IoxHandoff())
             try:
                 for h in handoffs:
                     for n in HANDOFF_SIZES:
@@ -417,6 +522,11 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
             "value": med[("handoff.pipe", n)] / med[("handoff.shmpool", n)],
             "want": "",
         }
+        if ("handoff.iceoryx2", n) in med:
+            ratios[f"handoff.iceoryx2/handoff.shmpool (messages/s)@{format_size(n)}"] = {
+                "value": med[("handoff.iceoryx2", n)] / med[("handoff.shmpool", n)],
+                "want": "",
+            }
     ratios["steady.pairs_per_message"] = {"value": pairs_per_message, "want": ">= 32"}
     ratios["scaling.2_over_1"] = {"value": two / one, "want": ">= 1.7"}
     machine = _machine(trials, target_ns)

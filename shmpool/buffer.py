@@ -120,7 +120,7 @@ class _PyLeaseBase:
 
 
 try:
-    if os.environ.get("SHMPOOL_NO_SPEEDUPS"):
+    if os.environ.get("SHMPOOL_NO_SPEEDUPS", "0") not in ("", "0"):
         raise ImportError("disabled by SHMPOOL_NO_SPEEDUPS")
     from . import _speedups  # type: ignore[attr-defined]
 except ImportError:
@@ -198,6 +198,12 @@ class Lease(_LeaseBase):  # type: ignore[misc]
         if self._view is None:
             raise LeaseClosedError("this lease was released or detached already")
         return self._slot.home.pool._detach(self, readers)  # type: ignore[no-any-return]
+
+    def __copy__(self) -> Lease:
+        raise TypeError("a Lease cannot be copied: it is the one owner of its slot")
+
+    def __deepcopy__(self, memo: Any) -> Lease:
+        raise TypeError("a Lease cannot be copied: it is the one owner of its slot")
 
     def __reduce__(self) -> tuple[Any, tuple[Handle]]:
         # Pickling hands the slot over: see shmpool.handle for when ownership moves.

@@ -557,6 +557,8 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise PoolClosedError("this pool was closed; its leases cannot be detached")
+            if isinstance(slot.home, _SharedHome):
+                raise UsageError("a reader's lease of a shared slot cannot be detached or shared")
             if self._pid != os.getpid() or slot.home is not self._home_of(slot):
                 raise UsageError("this lease belongs to another process (or connection)")
             self._ensure_connection()

@@ -544,9 +544,15 @@ class Manager:
             self._serve_waiting()
 
     def _next_timeout(self) -> float:
-        if not self._waiting:
+        """Seconds until the nearest deadline (waiting acquire or attach, transit); 1 at most."""
+        deadlines: list[float] = [self._waiting[0].deadline] if self._waiting else []
+        deadlines += [deadline for _, _, deadline in self._attaching]
+        transit = self.arena.next_deadline()
+        if transit is not None:
+            deadlines.append(transit)
+        if not deadlines:
             return 1.0
-        return max(0.0, min(1.0, self._waiting[0].deadline - time.monotonic()))
+        return max(0.0, min(1.0, min(deadlines) - time.monotonic()))
 
     def _hello(self, peer: _Peer, msg: p.Hello) -> None:
         if msg.version != p.VERSION:

@@ -195,8 +195,25 @@ class SharedBuffer(io.BufferedIOBase):
     def __len__(self) -> int:
         return self._len
 
+    def __del__(self) -> None:
+        # Garbage-collected while a getbuffer() view lives: keep the slot leased
+        # (the view stays valid; the pool reclaims it when it closes) rather
+        # than recycle memory someone can still write.
+        if "_exports" not in self.__dict__:
+            return  # __init__ failed before there was anything to give back
+        try:
+            self.close()
+        except BufferError:
+            self._lease = None
+            self._retired = []
+            super().close()
+
     def close(self) -> None:
-        """Give the slot back to the pool; the buffer is unusable afterwards."""
+        """Give the slot back to the pool; the buffer is unusable afterwards.
+
+        Raises:
+            BufferError: a ``getbuffer()`` view is still alive.
+        """
         if self.closed:
             return
         self._check_exports()
