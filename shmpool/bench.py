@@ -216,7 +216,7 @@ def _handoff_consumer(address: str, kind: str, conn: Any, queue: Any) -> None:
             pool.close()
 
 
-def _iox_service(name: str) -> tuple[Any, Any, Any]:
+def _iox_service(name: str) -> tuple[Any, Any, Any, Any]:
     import ctypes
 
     import iceoryx2 as iox2
@@ -229,18 +229,21 @@ def _iox_service(name: str) -> tuple[Any, Any, Any]:
         .subscriber_max_buffer_size(2 * WINDOW)
         .open_or_create()
     )
-    return iox2, node, service
+    events = node.service_builder(iox2.ServiceName.new(name + ".event")).event().open_or_create()
+    return iox2, node, service, events
 
 
 def _iox_consumer(name: str, conn: Any) -> None:
-    """The iceoryx2 consumer: poll the subscriber (as its examples do), ack on the pipe."""
-    _, _node, service = _iox_service(name)
+    """The iceoryx2 consumer: sleeps on an iceoryx2 event (as our consumers sleep on
+    a pipe; a busy-polling one would steal a core from every other case)."""
+    _, _node, service, events = _iox_service(name)
     sub = service.subscriber_builder().create()
+    listener = events.listener_builder().create()
     conn.send_bytes(b"ready")
     while True:
         sample = sub.receive()
         if sample is None:
-            os.sched_yield()
+            listener.blocking_wait()
             continue
         data = sample.payload()
         n = data.len()
@@ -258,7 +261,8 @@ class _IoxHandoff:
 
     def __init__(self) -> None:
         name = f"shmpool-bench-{os.getpid()}-{secrets.token_hex(4)}"
-        self.iox2, self.node, self.service = _iox_service(name)
+        self.iox2, self.node, self.service, events = _iox_service(name)
+        self.notifier = events.notifier_builder().create()
         self.publisher = (
             self.service.publisher_builder()
             .initial_max_slice_len(max(HANDOFF_SIZES))
@@ -281,6 +285,7 @@ class _IoxHandoff:
         payload[n - 1] = 1
         del payload
         sample.assume_init().send()
+        self.notifier.notify()
 
     def loop(self, pool: Pool, n: int) -> Loop:
         conn = self.conn
