@@ -379,6 +379,13 @@ class _Handoff:
 
 
 def _calibrate(loop: Loop, target_ns: int) -> int:
+    """Iterations that make one trial last about ``target_ns``.
+
+    A first call warms the case up (first-time mappings, a cache to fill):
+    letting it into the estimate would give trials too short for their
+    per-trial start-up to amortize.
+    """
+    loop(1)
     iters = 1
     while True:
         elapsed = max(1, loop(iters))
