@@ -381,16 +381,19 @@ class _Handoff:
 def _calibrate(loop: Loop, target_ns: int) -> int:
     """Iterations that make one trial last about ``target_ns``.
 
-    A first call warms the case up (first-time mappings, a cache to fill):
-    letting it into the estimate would give trials too short for their
-    per-trial start-up to amortize.
+    The case is measured in its steady state: a first call warms it up
+    (first-time mappings), and once the count is known one more full-length
+    call lets caches and size classes grow to what the case needs, so that
+    no trial pays for segments being made.
     """
     loop(1)
     iters = 1
     while True:
         elapsed = max(1, loop(iters))
         if elapsed >= target_ns // 4 or iters >= 1 << 22:
-            return max(1, min(1 << 22, iters * target_ns // elapsed))
+            iters = max(1, min(1 << 22, iters * target_ns // elapsed))
+            loop(iters)
+            return iters
         iters *= 4
 
 
