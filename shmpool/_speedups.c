@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <stdint.h>
 
 static PyObject *LeaseClosedError;
 static PyObject *s_release, *s_home, *s_view, *s_append, *s_high, *s_pool, *s_trim;
@@ -431,8 +432,78 @@ configure(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------- atomics on shared memory */
+
+static uint64_t *
+word_at(PyObject *obj, Py_ssize_t offset, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (offset < 0 || offset % 8 || offset + 8 > view->len || ((uintptr_t)view->buf) % 8) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "offset out of range or not 8-byte aligned");
+        return NULL;
+    }
+    return (uint64_t *)((char *)view->buf + offset);
+}
+
+static PyObject *
+cas64(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t offset;
+    unsigned long long expected, desired;
+    if (!PyArg_ParseTuple(args, "OnKK", &obj, &offset, &expected, &desired))
+        return NULL;
+    Py_buffer view;
+    uint64_t *word = word_at(obj, offset, &view);
+    if (word == NULL)
+        return NULL;
+    uint64_t want = expected;
+    int ok = __atomic_compare_exchange_n(word, &want, (uint64_t)desired, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *
+load64(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t offset;
+    if (!PyArg_ParseTuple(args, "On", &obj, &offset))
+        return NULL;
+    Py_buffer view;
+    uint64_t *word = word_at(obj, offset, &view);
+    if (word == NULL)
+        return NULL;
+    uint64_t value = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(value);
+}
+
+static PyObject *
+store64(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t offset;
+    unsigned long long value;
+    if (!PyArg_ParseTuple(args, "OnK", &obj, &offset, &value))
+        return NULL;
+    Py_buffer view;
+    uint64_t *word = word_at(obj, offset, &view);
+    if (word == NULL)
+        return NULL;
+    __atomic_store_n(word, (uint64_t)value, __ATOMIC_RELEASE);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"make_lease", make_lease, METH_VARARGS, "make_lease(type, slot, size) -> Lease"},
+    {"cas64", cas64, METH_VARARGS, "cas64(buffer, offset, expected, new) -> bool (atomic)"},
+    {"load64", load64, METH_VARARGS, "load64(buffer, offset) -> int (atomic)"},
+    {"store64", store64, METH_VARARGS, "store64(buffer, offset, value) (atomic)"},
     {"configure", configure, METH_VARARGS, "configure(LeaseClosedError, _Slot, _Cache)"},
     {NULL},
 };

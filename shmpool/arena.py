@@ -40,6 +40,10 @@ DEFAULT_SEGMENT_BYTES = 4 << 20
 TRANSIT = -1
 #: The holder of a slot shared read-only by several clients.
 SHARED = -2
+#: A ticket word with this bit set holds the id of the connection that claimed it.
+CLAIMED = 1 << 63
+#: How much longer a late slot waits for a live claimer's Claimed notice.
+CLAIM_GRACE = 1.0
 #: Oversize segments are rounded up to whole pages, not to a power of two.
 PAGE = 4096
 
@@ -52,6 +56,16 @@ class Backing(Protocol):
     def close(self) -> None: ...
 
 
+class TicketOps(Protocol):
+    """Atomic operations on the ticket words at the start of a segment."""
+
+    def cas64(self, buffer: Any, offset: int, expected: int, new: int) -> bool: ...
+
+    def load64(self, buffer: Any, offset: int) -> int: ...
+
+    def store64(self, buffer: Any, offset: int, value: int) -> None: ...
+
+
 @dataclass(eq=False)
 class Segment:
     id: int
@@ -61,13 +75,14 @@ class Segment:
     cls: _Class | None  # None for an oversize segment
     holders: list[int] = field(default_factory=list)  # conn id per slot, 0 = free
     generations: list[int] = field(default_factory=list)
+    header: int = 0  # bytes of ticket words before the first slot
 
     @property
     def nslots(self) -> int:
         return len(self.holders)
 
     def info(self) -> SegmentInfo:
-        return SegmentInfo(self.id, self.size, self.slot_size)
+        return SegmentInfo(self.id, self.size, self.slot_size, self.header)
 
 
 @dataclass(eq=False)
@@ -120,18 +135,23 @@ class Arena:
         self,
         classes: Classes,
         memory: int,
-        allocate: Callable[[int], Backing],
+        allocate: Callable[..., Backing],
         *,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        tickets: TicketOps | None = None,
     ) -> None:
         self.classes = classes
         self.memory = memory
         self._allocate = allocate
+        # With ticket operations, every segment starts with a ticket word per
+        # slot and allocate(size, header) must give backings with ``tickets``.
+        self._tickets = tickets
         self._classes = [_Class(size, max(1, segment_bytes // size)) for size in classes.sizes()]
         self._segments: dict[int, Segment] = {}
         self._conns: dict[int, _Conn] = {}
         self._ids = itertools.count(1)
         self.mapped = 0
+        self.ticket_bytes = 0
         self.oversize_leases = 0
         self.oversize_bytes = 0
         # (segment id, index) -> (token, deadline) for slots handed between clients
@@ -251,10 +271,56 @@ class Arena:
                 f"handle for slot {ref.segment}:{ref.index} is stale: it was attached "
                 "already, its transit time ran out, or it is forged"
             )
+        if seg.header and not self._ticket_cas(seg, ref.index, entry[0], 0):
+            raise StaleHandleError(f"handle for slot {ref.segment}:{ref.index} was claimed already")
         del self._transit[key]
         if seg.cls is not None:
             seg.cls.in_transit -= 1
         return self._grant(c, seg.slot_size, [(seg, ref.index)])
+
+    # ---------------------------------------------------------------- tickets
+
+    def _ticket_store(self, seg: Segment, index: int, value: int) -> None:
+        assert self._tickets is not None
+        self._tickets.store64(seg.backing.tickets, 8 * index, value)  # type: ignore[attr-defined]
+
+    def _ticket_cas(self, seg: Segment, index: int, expected: int, new: int) -> bool:
+        assert self._tickets is not None
+        return self._tickets.cas64(seg.backing.tickets, 8 * index, expected, new)  # type: ignore[attr-defined]
+
+    def _ticket_load(self, seg: Segment, index: int) -> int:
+        assert self._tickets is not None
+        return self._tickets.load64(seg.backing.tickets, 8 * index)  # type: ignore[attr-defined]
+
+    def claim(self, conn: int, ref: SlotRef, token: int) -> None:
+        """Record that ``conn`` took a slot in transit by its ticket (no Grant).
+
+        The client already swapped the ticket word from ``token`` to
+        ``CLAIMED | conn``; this moves the books and clears the word.
+
+        Raises:
+            StaleHandleError: no such slot is in transit under ``token``.
+        """
+        c = self._conns[conn]
+        key = (ref.segment, ref.index)
+        entry = self._transit.get(key)
+        seg = self._segments.get(ref.segment)
+        if (
+            entry is None
+            or seg is None
+            or seg.generations[ref.index] != ref.generation
+            or not hmac.compare_digest(_token_bytes(entry[0]), _token_bytes(token))
+        ):
+            raise StaleHandleError(f"no slot {ref.segment}:{ref.index} in transit under that token")
+        del self._transit[key]
+        seg.holders[ref.index] = c.id
+        c.held.add(key)
+        c.known.add(seg.id)
+        if seg.cls is not None:
+            seg.cls.in_transit -= 1
+            seg.cls.leased += 1
+        if seg.header:
+            self._ticket_cas(seg, ref.index, CLAIMED | c.id, 0)  # unless re-detached already
 
     def awaits_detach(self, ref: SlotRef) -> bool:
         """True if ``ref`` names a leased slot one ``detach`` away from matching.
@@ -274,14 +340,28 @@ class Arena:
             self._shares[key].pending = 0
             self._settle_share(key)
         late = [key for key, (_, deadline) in self._transit.items() if deadline <= now]
-        for seg_id, index in late:
-            del self._transit[(seg_id, index)]
+        for seg_id, index in list(late):
             seg = self._segments[seg_id]
+            if seg.header and not self._expire_ticket(seg, index, now):
+                late.remove((seg_id, index))
+                continue
+            del self._transit[(seg_id, index)]
             if seg.cls is not None:
                 seg.cls.in_transit -= 1
                 seg.cls.leased += 1  # _free counts it out of leased
             self._free(seg, index, None)
         return len(late) + len(lapsed)
+
+    def _expire_ticket(self, seg: Segment, index: int, now: float) -> bool:
+        """Take a late slot's ticket back; False if a live claimer's notice is on its way."""
+        token, _ = self._transit[(seg.id, index)]
+        if self._ticket_cas(seg, index, token, 0):
+            return True
+        value = self._ticket_load(seg, index)
+        if value & CLAIMED and (value & ~CLAIMED) in self._conns:
+            self._transit[(seg.id, index)] = (token, now + CLAIM_GRACE)
+            return False  # claimed: its Claimed is queued on that connection
+        return True  # claimed by a client that died before saying so: free it
 
     def next_deadline(self) -> float | None:
         """The earliest time a transit or a pending share attach lapses, if any."""
@@ -346,7 +426,7 @@ class Arena:
         if index is None:
             seg = self._new_segment(-(-size // PAGE) * PAGE, 1, None)
             self.oversize_leases += 1
-            self.oversize_bytes += seg.size
+            self.oversize_bytes += seg.size - seg.header
             picked = [(seg, 0)]
             slot_size = seg.slot_size
         else:
@@ -428,24 +508,35 @@ class Arena:
             picked.append((seg, index))
         return picked
 
+    def _header(self, nslots: int) -> int:
+        """Bytes of ticket words (8 a slot, whole pages) a segment starts with."""
+        return -(-8 * nslots // PAGE) * PAGE if self._tickets is not None else 0
+
     def _grow(self, cls: _Class) -> bool:
-        room = (self.memory - self.mapped) // cls.slot_size
-        if room <= 0:
+        nslots = min(cls.per_segment, (self.memory - self.mapped) // cls.slot_size)
+        if nslots <= 0:
             return False
-        self._new_segment(cls.slot_size, min(cls.per_segment, room), cls)
+        self._new_segment(cls.slot_size, nslots, cls)
         return True
 
     def _new_segment(self, slot_size: int, nslots: int, cls: _Class | None) -> Segment:
-        size = slot_size * nslots
-        if self.mapped + size > self.memory:
+        header = self._header(nslots)
+        size = header + slot_size * nslots
+        # The budget counts slot bytes; ticket words (8 bytes a slot, whole
+        # pages) come on top and are reported as ticket_bytes.
+        if self.mapped + size - header > self.memory:
             raise PoolExhaustedError(
                 f"a {format_size(size)} buffer does not fit the memory budget "
                 f"({format_size(self.memory)}, {format_size(self.mapped)} mapped)"
             )
-        backing = self._allocate(size)  # may raise PoolExhaustedError (e.g. /dev/shm full)
-        seg = Segment(next(self._ids), size, slot_size, backing, cls, [0] * nslots, [0] * nslots)
+        # may raise PoolExhaustedError (e.g. /dev/shm full)
+        backing = self._allocate(size, header) if header else self._allocate(size)
+        seg = Segment(
+            next(self._ids), size, slot_size, backing, cls, [0] * nslots, [0] * nslots, header
+        )
         self._segments[seg.id] = seg
-        self.mapped += size
+        self.mapped += size - header
+        self.ticket_bytes += header
         if cls is not None:
             cls.segments.append(seg)
             cls.total += nslots
@@ -472,6 +563,8 @@ class Arena:
     def _free(self, seg: Segment, index: int, c: _Conn | None) -> None:
         seg.holders[index] = 0
         seg.generations[index] += 1
+        if seg.header:
+            self._ticket_store(seg, index, 0)
         if c is not None:
             c.held.discard((seg.id, index))
         if seg.cls is None:
@@ -484,10 +577,11 @@ class Arena:
 
     def _destroy(self, seg: Segment) -> None:
         del self._segments[seg.id]
-        self.mapped -= seg.size
+        self.mapped -= seg.size - seg.header
+        self.ticket_bytes -= seg.header
         if seg.cls is None:
             self.oversize_leases -= 1
-            self.oversize_bytes -= seg.size
+            self.oversize_bytes -= seg.size - seg.header
         seg.backing.close()
 
     def close(self) -> None:
@@ -516,6 +610,7 @@ class Arena:
             "in_transit": len(self._transit),
             "shared": len(self._shares),
             "mapped_bytes": self.mapped,
+            "ticket_bytes": self.ticket_bytes,
             "memory_limit": self.memory,
             "min_size": self.classes.min_size,
             "max_size": self.classes.max_size,

@@ -68,6 +68,8 @@ CACHE_BYTES = 64 << 20
 FIRST_BATCH = 4
 #: Refills closer together than this double the class's batch (it is hot).
 HOT_INTERVAL = 1.0
+#: A ticket word with this bit set holds the id of the connection that claimed it.
+CLAIMED = 1 << 63
 #: Default seconds without an acquire after which a cache is given back.
 IDLE_TIMEOUT = 5.0
 
@@ -84,13 +86,18 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Segment:
-    __slots__ = ("mm", "view")
+    __slots__ = ("header", "mm", "slot_size", "tickets", "view")
 
-    def __init__(self, mm: mmap.mmap) -> None:
+    def __init__(self, mm: mmap.mmap, slot_size: int, header: int) -> None:
         self.mm = mm
         self.view = memoryview(mm)
+        self.slot_size = slot_size
+        self.header = header  # ticket words (8 bytes a slot) before the first slot
+        self.tickets = self.view[:header] if header else None
 
     def close(self) -> None:
+        if self.tickets is not None:
+            self.tickets.release()
         self.view.release()
         with contextlib.suppress(BufferError):  # a user still holds a slice: GC unmaps it
             self.mm.close()
@@ -133,6 +140,8 @@ class Pool:
         self._broken: ManagerGoneError | None = None
         self._segments: dict[int, _Segment] = {}
         self._janitor: Janitor | None = None
+        self.client_id = -1
+        self._tickets_on = False
         self._reset_counters()
         welcome = self._connect()
         self.manager_pid = welcome.manager_pid
@@ -270,7 +279,7 @@ class Pool:
         slots = []
         for ref in reply.slots:
             seg = self._segments.get(ref.segment)
-            offset = ref.index * reply.slot_size
+            offset = (seg.header if seg is not None else 0) + ref.index * reply.slot_size
             if seg is None or offset + reply.slot_size > len(seg.view):
                 raise self._gone(ProtocolError(f"granted slot {ref} lies outside its segment"))
             slots.append(_Slot(ref, seg.view[offset : offset + reply.slot_size], home))
@@ -291,7 +300,7 @@ class Pool:
                 ) from None
             os.close(fd)
             self._unmap(info.segment)
-            self._segments[info.segment] = _Segment(mm)
+            self._segments[info.segment] = _Segment(mm, info.slot_size, info.header)
 
     def _unmap(self, segment: int) -> None:
         seg = self._segments.pop(segment, None)
@@ -407,6 +416,8 @@ class Pool:
         _close_fds(fds)
         if not isinstance(reply, p.Welcome):
             raise self._gone(ProtocolError(f"expected Welcome, got {type(reply).__name__}"))
+        self.client_id = reply.client_id
+        self._tickets_on = bool(reply.tickets) and _speedups is not None
         return reply
 
     def _ensure_connection(self) -> socket.socket:
@@ -514,6 +525,7 @@ class Pool:
         self._sock = None
         self._pid = os.getpid()
         self._req = 0
+        self.client_id = -1  # until this process has its own connection
         self._lock = threading.Lock()
         self._janitor = None
         self._broken = None
@@ -566,8 +578,9 @@ class Pool:
                 raise LeaseClosedError("this lease was released or detached already")
             length = len(view)
             lease._disown()
-            token = secrets.randbits(63)
+            token = secrets.randbits(63) | 1  # never 0: 0 means "no handoff"
             ref = slot.ref
+            self._publish_ticket(ref, token)
             if readers:
                 self._send(p.encode(p.Share(self._next_req(), ref, token, readers)))
             else:
@@ -578,6 +591,52 @@ class Pool:
             self.manager_instance, ref.segment, ref.index, ref.generation + 1, token,
             length, slot.capacity, readers,
         )  # fmt: skip
+
+    def _publish_ticket(self, ref: p.SlotRef, token: int) -> None:
+        """Put ``token`` in the slot's ticket word, so a receiver can claim it there.
+
+        The word holds 0, or our own claim the manager has not cleared yet.
+        """
+        seg = self._segments.get(ref.segment)
+        if not self._tickets_on or seg is None or seg.tickets is None:
+            return
+        offset = 8 * ref.index
+        for _ in range(3):  # the manager may clear our claim meanwhile: retry
+            current = _speedups.load64(seg.tickets, offset)
+            if current not in (0, CLAIMED | self.client_id):
+                raise UsageError(f"slot {ref.segment}:{ref.index} is not ours to hand on")
+            if _speedups.cas64(seg.tickets, offset, current, token):
+                return
+        raise UsageError(f"the ticket of slot {ref.segment}:{ref.index} keeps changing")
+
+    def _claim(self, handle: Handle) -> Lease | None:
+        """Take ``handle``'s slot by its ticket word, without a round trip.
+
+        Returns None when that path does not apply (no tickets, a segment this
+        process has not mapped, a share); the caller then asks the manager.
+
+        Raises:
+            StaleHandleError: the word does not hold the handle's token.
+        """
+        if not self._tickets_on or handle.readers:
+            return None
+        seg = self._segments.get(handle.segment)
+        if seg is None or seg.tickets is None or seg.slot_size != handle.capacity:
+            return None
+        offset = seg.header + handle.index * seg.slot_size
+        if 8 * handle.index + 8 > seg.header or offset + seg.slot_size > len(seg.view):
+            raise StaleHandleError("this handle is forged: its slot lies outside its segment")
+        index = handle.capacity.bit_length() - 1 - self._min_shift
+        with self._lock:
+            self._ensure_connection()  # our own connection (after a fork: a new one) first
+            claimed = CLAIMED | self.client_id
+            if not _speedups.cas64(seg.tickets, 8 * handle.index, handle.token, claimed):
+                raise StaleHandleError("this handle is stale: attached already, expired, or forged")
+            ref = p.SlotRef(handle.segment, handle.index, handle.generation)
+            self._send(p.encode(p.Claimed(self._next_req(), ref, handle.token)))
+            home = self._caches[max(0, index)]
+        slot = _Slot(ref, seg.view[offset : offset + seg.slot_size], home)
+        return make_lease(slot, min(handle.length, slot.capacity))
 
     def _home_of(self, slot: _Slot) -> Any:
         if isinstance(slot.home, _OversizeHome):
@@ -605,6 +664,9 @@ class Pool:
             raise StaleHandleError("this handle was issued by another manager")
         if not all(type(v) is int and 0 <= v <= p.MAX_ID for v in handle):
             raise StaleHandleError("this handle is forged: a field is out of range")
+        lease = self._claim(handle)
+        if lease is not None:
+            return lease
         index = handle.capacity.bit_length() - 1 - self._min_shift
         oversize = handle.capacity > self.max_size or handle.capacity & (handle.capacity - 1)
         with self._lock:

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import buffer as _buffer
 from . import protocol as p
 from .address import resolve
 from .arena import DEFAULT_SEGMENT_BYTES, Arena, Backing
@@ -42,6 +43,7 @@ from .sizeclass import Classes, format_size, parse_size
 __all__ = ["Manager"]
 
 log = logging.getLogger("shmpool")
+_speedups: Any = vars(_buffer)["_speedups"]
 
 _CRED = struct.Struct("3i")
 #: Replies a slow client may leave unread before it is disconnected.
@@ -57,7 +59,7 @@ ATTACH_WAIT = 1.0
 
 
 class _Peer:
-    __slots__ = ("id", "name", "outq", "parked", "pid", "sock", "uid", "welcomed")
+    __slots__ = ("id", "name", "outq", "parked", "paused", "pid", "sock", "uid", "welcomed")
 
     def __init__(self, sock: socket.socket, peer_id: int, pid: int, uid: int) -> None:
         self.sock = sock
@@ -67,6 +69,7 @@ class _Peer:
         self.name = ""
         self.welcomed = False
         self.parked = False  # an Acquire of this peer waits for recalled slots
+        self.paused = False  # not read from: a Claimed of it waits for its Detach
         self.outq: deque[tuple[bytes, Sequence[int]]] = deque()
 
 
@@ -106,22 +109,28 @@ class Manager:
         allocate: Callable[[int], Backing] = ShmSegment,
         acquire_wait: float = 2.0,
         transit_timeout: float = 30.0,
+        tickets: bool = True,
     ) -> None:
         self.address = resolve(address)
         self.classes = Classes(min_size, max_size)
         self.memory = parse_size(memory, name="memory")
+        # Ticket words need atomics (the C extension) and our own segments.
+        ops = _speedups if tickets and allocate is ShmSegment else None
         self.arena = Arena(
             self.classes,
             self.memory,
             allocate,
             segment_bytes=parse_size(segment_bytes, name="segment_bytes"),
+            tickets=ops,
         )
+        self.tickets = ops is not None
         self.allow_uids = frozenset((os.getuid(), *(allow_uids or ())))
         self.acquire_wait = acquire_wait
         self.transit_timeout = transit_timeout
         self.instance = secrets.randbits(63)
         self._waiting: deque[_Waiter] = deque()
         self._attaching: list[tuple[_Peer, p.Attach, float]] = []
+        self._claiming: list[tuple[_Peer, p.Claimed, float]] = []
         self.pid = os.getpid()
         self._peers: dict[int, _Peer] = {}
         self._by_fd: dict[int, _Peer] = {}
@@ -165,7 +174,7 @@ class Manager:
                 self._expire_waiting()
                 self._expire_refused()
                 self._expire_transit()
-                if self._attaching:
+                if self._attaching or self._claiming:
                     self._serve_attaching()
         finally:
             self._restore_signals(old)
@@ -399,7 +408,7 @@ class Manager:
             self._send(peer, p.encode(p.Error(req, "error", "internal manager error; see its log")))
             self._drop(peer, "internal error")
             return False
-        return peer.id in self._peers
+        return peer.id in self._peers and not peer.paused
 
     def _dispatch(self, peer: _Peer, msg: p.Message) -> None:
         if isinstance(msg, p.Hello):
@@ -428,7 +437,7 @@ class Manager:
                 arena.detach(peer.id, msg.slot, msg.token, deadline)
             except ShmpoolError as exc:  # a correct client only detaches what it holds
                 raise ProtocolError(f"bad Detach: {exc}") from None
-            if self._attaching:
+            if self._attaching or self._claiming:
                 self._serve_attaching()
         elif isinstance(msg, p.Share):
             arena.note_message(peer.id)
@@ -438,6 +447,17 @@ class Manager:
             except ShmpoolError as exc:  # a correct client only shares what it holds
                 raise ProtocolError(f"bad Share: {exc}") from None
             if self._attaching:
+                self._serve_attaching()
+        elif isinstance(msg, p.Claimed):
+            arena.note_message(peer.id)
+            try:
+                arena.claim(peer.id, msg.slot, msg.token)
+            except StaleHandleError:
+                if not arena.awaits_detach(msg.slot):
+                    raise ProtocolError("a Claimed for a slot that is not in transit") from None
+                self._pause(peer)  # its Detach, on the sender's socket, is still on the way
+                self._claiming.append((peer, msg, time.monotonic() + self.transit_timeout))
+            if self._attaching or self._claiming:
                 self._serve_attaching()
         elif isinstance(msg, p.Attach):
             arena.note_message(peer.id)
@@ -521,8 +541,39 @@ class Manager:
         reply = p.Grant(msg.req, g.slot_size, tuple(g.slots), tuple(g.segments))
         self._send(peer, p.encode(reply), g.fds)
 
+    def _pause(self, peer: _Peer) -> None:
+        """Stop reading from ``peer`` (its next messages may name the claimed slot)."""
+        peer.paused = True
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(peer.sock)
+
+    def _resume(self, peer: _Peer) -> None:
+        peer.paused = False
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outq else 0)
+        self._sel.register(peer.sock, events, self._on_peer)
+
+    def _serve_claiming(self) -> None:
+        """Apply Claimed notices that overtook their Detach; drop the bogus."""
+        now = time.monotonic()
+        waiting, self._claiming = self._claiming, []
+        for peer, msg, deadline in waiting:
+            if peer.id not in self._peers:
+                continue
+            try:
+                self.arena.claim(peer.id, msg.slot, msg.token)
+            except StaleHandleError:
+                if deadline > now and self.arena.awaits_detach(msg.slot):
+                    self._claiming.append((peer, msg, deadline))
+                    continue
+                log.warning("client %d (pid %d) sent a bogus Claimed", peer.id, peer.pid)
+                self._drop(peer, "bogus Claimed")
+                continue
+            self._resume(peer)
+
     def _serve_attaching(self) -> None:
         """Retry Attaches that arrived before their Detach; refuse the hopeless."""
+        if self._claiming:
+            self._serve_claiming()
         now = time.monotonic()
         waiting, self._attaching = self._attaching, []
         for peer, msg, deadline in waiting:
@@ -571,6 +622,7 @@ class Manager:
             self.classes.max_size,
             peer.id,
             self.instance,
+            int(self.tickets),
         )
         self._send(peer, p.encode(welcome))
 
@@ -607,7 +659,7 @@ class Manager:
         if len(peer.outq) >= MAX_QUEUED:
             self._drop(peer, "does not read its replies")
             return
-        if not peer.outq:
+        if not peer.outq and not peer.paused:
             self._sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_peer)
         peer.outq.append((data, fds))
 
@@ -622,7 +674,8 @@ class Manager:
                 self._drop(peer, f"send failed: {exc.strerror}")
                 return
             peer.outq.popleft()
-        self._sel.modify(peer.sock, selectors.EVENT_READ, self._on_peer)
+        if not peer.paused:
+            self._sel.modify(peer.sock, selectors.EVENT_READ, self._on_peer)
 
     def _drop(self, peer: _Peer, why: str) -> None:
         if self._peers.pop(peer.id, None) is None:

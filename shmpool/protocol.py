@@ -42,6 +42,7 @@ __all__ = [
     "VERSION",
     "Acquire",
     "Attach",
+    "Claimed",
     "Detach",
     "Error",
     "Grant",
@@ -133,17 +134,20 @@ class SegmentInfo(NamedTuple):
     segment: int
     size: int
     slot_size: int
+    header: int = 0  # ticket words before the first slot (a multiple of 8)
 
     @classmethod
     def from_wire(cls, value: Any) -> SegmentInfo:
-        if type(value) is not list or len(value) != 3:
-            raise TypeError("a segment must be [segment, size, slot_size]")
+        if type(value) is not list or len(value) not in (3, 4):
+            raise TypeError("a segment must be [segment, size, slot_size(, header)]")
         _int(value[0], "segment")
         _int(value[1], "size", 1, MAX_BUFFER)
         _int(value[2], "slot_size", 1, MAX_BUFFER)
-        if value[2] > value[1]:
-            raise ValueError("slot_size larger than its segment")
-        return cls(*value)
+        header = value[3] if len(value) == 4 else 0
+        _int(header, "header", 0, MAX_BUFFER)
+        if header % 8 or header + value[2] > value[1]:
+            raise ValueError("slot_size and header do not fit their segment")
+        return cls(value[0], value[1], value[2], header)
 
 
 def _slots(value: Any, name: str, lo: int = 0) -> tuple[SlotRef, ...]:
@@ -311,6 +315,34 @@ class Share(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Claimed(_Message):
+    """Notice (no reply): this client took a slot in transit by its ticket word.
+
+    It swapped the ticket from ``token`` to ``CLAIMED | client id`` in shared
+    memory; the manager moves its books. A bogus Claimed closes the connection.
+    """
+
+    TYPE: ClassVar[int] = 9
+    req: int
+    slot: SlotRef
+    token: int
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        object.__setattr__(self, "slot", SlotRef.from_wire(list(self.slot)))
+        _int(self.token, "token")
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req, list(self.slot), self.token]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Any:
+        if len(items) != 3 or type(items[1]) is not list:
+            raise TypeError("Claimed is [req, [segment, index, generation], token]")
+        return cls(items[0], SlotRef.from_wire(items[1]), items[2])
+
+
+@dataclass(frozen=True, slots=True)
 class Attach(_Message):
     """Lease a slot in transit to this client; answered by a one-slot ``Grant``."""
 
@@ -360,10 +392,12 @@ class Welcome(_Message):
     max_size: int
     client_id: int
     instance: int = 0  # random per manager run: tells its handles from another's
+    tickets: int = 0  # 1: segments start with ticket words; Claimed is understood
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
         _int(self.instance, "instance")
+        _int(self.tickets, "tickets", 0, 1)
         _int(self.version, "version", 0, 2**16)
         _int(self.manager_pid, "manager_pid", 0, 2**31)
         _int(self.min_size, "min_size", 1, MAX_BUFFER)
@@ -473,6 +507,7 @@ Message = (
     | Detach
     | Share
     | Attach
+    | Claimed
     | Stats
     | Welcome
     | Grant
@@ -492,6 +527,7 @@ _TYPES: dict[int, type[Any]] = {
         Detach,
         Share,
         Attach,
+        Claimed,
         Stats,
         Welcome,
         Grant,
@@ -501,9 +537,9 @@ _TYPES: dict[int, type[Any]] = {
         Recall,
     )
 }
-REQUESTS = (Hello, Acquire, Release, Return, Detach, Share, Attach, Stats)
+REQUESTS = (Hello, Acquire, Release, Return, Detach, Share, Attach, Claimed, Stats)
 #: Requests that get no reply when they succeed.
-NO_REPLY = (Return, Detach, Share)
+NO_REPLY = (Return, Detach, Share, Claimed)
 REPLIES = (Welcome, Grant, Ok, StatsReply, Error, Recall)
 
 _pack = msgpack.Packer(use_bin_type=True).pack

@@ -41,8 +41,10 @@ class ShmSegment:
     """An anonymous (already unlinked) shared-memory segment, owned by its fd."""
 
     fd: int = -1
+    tickets: memoryview | None = None
+    _header_map: mmap.mmap | None = None
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, header: int = 0) -> None:
         name = f"/{NAME_PREFIX}{os.getpid()}.{next(_counter)}.{secrets.token_hex(4)}"
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
         try:
@@ -53,6 +55,9 @@ class ShmSegment:
         try:
             os.ftruncate(self.fd, size)
             os.posix_fallocate(self.fd, 0, size)
+            if header:  # the manager reads and writes the ticket words only
+                self._header_map = mmap.mmap(self.fd, header)
+                self.tickets = memoryview(self._header_map)
         except OSError as exc:
             self.close()
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
@@ -63,6 +68,12 @@ class ShmSegment:
             raise
 
     def close(self) -> None:
+        if self.tickets is not None:
+            self.tickets.release()
+            self.tickets = None
+        if self._header_map is not None:
+            self._header_map.close()
+            self._header_map = None
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)

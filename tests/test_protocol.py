@@ -66,6 +66,8 @@ SAMPLES: list[Any] = [
     p.Detach(17, SlotRef(MAX_ID, MAX_ID, MAX_ID), MAX_ID),
     p.Attach(18, SlotRef(1, 2, 4), 12345),
     p.Share(20, SlotRef(1, 2, 3), 5, 1),
+    p.Claimed(22, SlotRef(1, 2, 3), 7),
+    p.Claimed(23, SlotRef(MAX_ID, MAX_ID, MAX_ID), MAX_ID),
     p.Share(21, SlotRef(MAX_ID, 0, MAX_ID), MAX_ID, p.MAX_READERS),
     p.Attach(19, SlotRef(0, 0, 0), MAX_ID),
     Stats(5),
