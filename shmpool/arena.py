@@ -484,9 +484,15 @@ class Arena:
         return seg, ref.index
 
     def _take(self, cls: _Class, count: int, c: _Conn) -> list[tuple[Segment, int]]:
+        # A batch is a hint: free slots are handed out before any memory is
+        # added, and the class grows (to fill the batch) only when it has none
+        # left. Growing to fill every batch would let a class swell up to the
+        # whole budget in a producer/consumer pattern, where slots come back a
+        # few at a time.
         try:
-            while len(cls.free) < count and self._grow(cls):
-                pass
+            if not cls.free:
+                while len(cls.free) < count and self._grow(cls):
+                    pass
         except PoolExhaustedError:
             if not cls.free:  # e.g. /dev/shm is full; serve what we have, if anything
                 raise
