@@ -165,14 +165,21 @@ class Arena:
             raise ValueError(f"connection id {conn} is taken or invalid")
         self._conns[conn] = _Conn(conn, pid, name)
 
-    def drop_conn(self, conn: int) -> int:
-        """Forget a connection and return every slot it held; returns how many."""
+    def drop_conn(self, conn: int, now: float = 0.0, transit_timeout: float = 30.0) -> int:
+        """Forget a connection and return every slot it held; returns how many.
+
+        With ticket words, a slot the connection was handing on when it went
+        (its word holds a token, or another live client's claim) is not freed:
+        it goes in transit until ``now + transit_timeout``, or to its claimer.
+        """
         c = self._conns.pop(conn, None)
         if c is None:
             return 0
         held = list(c.held)
         for seg_id, index in held:
-            self._free(self._segments[seg_id], index, c)
+            seg = self._segments[seg_id]
+            if not (seg.header and self._reconcile_dropped(seg, index, c, now + transit_timeout)):
+                self._free(seg, index, c)
         for key, share in list(self._shares.items()):
             if share.readers.pop(conn, 0):
                 self._settle_share(key)
@@ -199,6 +206,8 @@ class Arena:
         else:
             c.known.discard(seg.id)  # the client unmaps a detached oversize segment
         self._transit[(seg.id, index)] = (token, deadline)
+        if seg.header:  # a sender without atomics leaves the word at 0: publish for it
+            self._ticket_cas(seg, index, 0, token)
         return SlotRef(seg.id, index, seg.generations[index])
 
     def share(self, conn: int, ref: SlotRef, token: int, readers: int, deadline: float) -> SlotRef:
@@ -292,6 +301,32 @@ class Arena:
         assert self._tickets is not None
         return self._tickets.load64(seg.backing.tickets, 8 * index)  # type: ignore[attr-defined]
 
+    def _reconcile_dropped(self, seg: Segment, index: int, c: _Conn, deadline: float) -> bool:
+        """A dropped holder's slot whose ticket says it was being handed on; True if kept."""
+        value = self._ticket_load(seg, index)
+        if value == 0:
+            return False
+        key = (seg.id, index)
+        if value & CLAIMED:
+            claimer = self._conns.get(value & ~CLAIMED)
+            if claimer is None:
+                return False  # claimed by a client that is gone too
+            seg.holders[index] = claimer.id
+            seg.generations[index] += 1  # as the Detach would have
+            c.held.discard(key)
+            claimer.held.add(key)
+            claimer.known.add(seg.id)
+            self._ticket_cas(seg, index, value, 0)
+            return True
+        seg.holders[index] = TRANSIT  # a published token: the handle may be on its way
+        seg.generations[index] += 1
+        c.held.discard(key)
+        if seg.cls is not None:
+            seg.cls.leased -= 1
+            seg.cls.in_transit += 1
+        self._transit[key] = (value, deadline)
+        return True
+
     def claim(self, conn: int, ref: SlotRef, token: int) -> None:
         """Record that ``conn`` took a slot in transit by its ticket (no Grant).
 
@@ -305,6 +340,14 @@ class Arena:
         key = (ref.segment, ref.index)
         entry = self._transit.get(key)
         seg = self._segments.get(ref.segment)
+        if (
+            entry is None
+            and seg is not None
+            and 0 <= ref.index < seg.nslots
+            and seg.holders[ref.index] == c.id
+            and seg.generations[ref.index] == ref.generation
+        ):
+            return  # applied already, when the sender's connection was dropped
         if (
             entry is None
             or seg is None

@@ -577,10 +577,10 @@ class Pool:
             if view is None:
                 raise LeaseClosedError("this lease was released or detached already")
             length = len(view)
-            lease._disown()
             token = secrets.randbits(63) | 1  # never 0: 0 means "no handoff"
             ref = slot.ref
-            self._publish_ticket(ref, token)
+            self._publish_ticket(ref, token)  # may raise: the lease stays ours then
+            lease._disown()
             if readers:
                 self._send(p.encode(p.Share(self._next_req(), ref, token, readers)))
             else:
@@ -631,6 +631,8 @@ class Pool:
             self._ensure_connection()  # our own connection (after a fork: a new one) first
             claimed = CLAIMED | self.client_id
             if not _speedups.cas64(seg.tickets, 8 * handle.index, handle.token, claimed):
+                if _speedups.load64(seg.tickets, 8 * handle.index) == 0:
+                    return None  # not published (yet): let the manager decide
                 raise StaleHandleError("this handle is stale: attached already, expired, or forged")
             ref = p.SlotRef(handle.segment, handle.index, handle.generation)
             self._send(p.encode(p.Claimed(self._next_req(), ref, handle.token)))

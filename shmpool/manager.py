@@ -684,10 +684,12 @@ class Manager:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(peer.sock)
         peer.sock.close()
-        returned = self.arena.drop_conn(peer.id)
+        returned = self.arena.drop_conn(peer.id, time.monotonic(), self.transit_timeout)
         log.debug("client %d (pid %d) %s; %d slots returned", peer.id, peer.pid, why, returned)
         if returned and self._waiting:
             self._serve_waiting()
+        if self._claiming or self._attaching:
+            self._serve_attaching()
 
 
 def _sendmsg(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:

@@ -126,3 +126,122 @@ def test_a_claimer_that_dies_before_its_notice_frees_the_slot() -> None:
         assert _ticket(a, handle) == 0  # reset when the slot went back
         with pytest.raises(shmpool.StaleHandleError):
             a.attach(handle)
+
+
+def _handle_by_hand(pool: shmpool.Pool, lease: shmpool.Lease) -> shmpool.Handle:
+    """What detach() does, minus the Detach message: publish a token, build a handle."""
+    slot = lease._slot
+    token = 0x5EED_1234_5678_9ABD
+    pool._publish_ticket(slot.ref, token)
+    lease._disown()
+    ref = slot.ref
+    return shmpool.Handle(
+        pool.manager_instance, ref.segment, ref.index, ref.generation + 1, token,
+        len(slot.view), slot.capacity,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_sender_gone_before_its_detach_after_a_claim(mgr: shmpool.ManagerProcess) -> None:
+    """The claim wins: the slot goes to the claimer, never back to the free lists."""
+    with mgr.connect(name="receiver") as b:
+        a = mgr.connect(name="sender")
+        _mapped(a, b)
+        lease = a.acquire(SIZE)
+        lease.view[:3] = b"abc"
+        handle = _handle_by_hand(a, lease)
+        got = b.attach(handle)  # claimed locally; its notice waits for a Detach that never comes
+        a.close()  # the sender's connection ends without the Detach
+        stats = wait_for(lambda: (s := b.stats())["in_transit"] == 0 and s)
+        mine = [c for c in stats["clients"] if c["name"] == "receiver"]
+        assert mine and mine[0]["leased"] >= 1
+        assert bytes(got.view[:3]) == b"abc"
+        assert_balanced(stats)
+        got.release()
+        b.trim()
+        assert_balanced(b.stats())
+
+
+@pytest.mark.timeout(60)
+def test_sender_gone_with_a_published_token_frees_after_transit() -> None:
+    with shmpool.start(memory="16MiB", transit_timeout=0.3) as m, m.connect() as watcher:
+        a = m.connect(name="sender")
+        handle = _handle_by_hand(a, a.acquire(SIZE))
+        a.close()  # no Detach: the manager sees the token in the word and waits for a taker
+        wait_for(lambda: watcher.stats()["in_transit"] == 0)
+        stats = watcher.stats()
+        assert_balanced(stats)
+        assert sum(c["leased"] for c in stats["clients"]) == 0
+        with pytest.raises(shmpool.StaleHandleError):
+            watcher.attach(handle)
+
+
+PURE_SENDER = """
+import pickle, sys
+import shmpool
+from shmpool import buffer
+assert not buffer.SPEEDUPS
+pool = shmpool.connect(sys.argv[1])
+lease = pool.acquire(5000)
+lease.view[:4] = b"pure"
+sys.stdout.write(pickle.dumps(lease.detach()).hex())
+sys.stdout.flush()
+sys.stdin.read()  # stay connected until the parent has attached
+"""
+
+PURE_RECEIVER = """
+import pickle, sys
+import shmpool
+from shmpool import buffer
+assert not buffer.SPEEDUPS
+pool = shmpool.connect(sys.argv[1])
+lease = pool.attach(pickle.loads(bytes.fromhex(sys.stdin.read())))
+sys.stdout.write(bytes(lease.view[:4]).decode())
+lease.release()
+"""
+
+
+def _pure(script: str, address: str, tmp_path: Any, stdin: str = "") -> Any:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SHMPOOL_NO_SPEEDUPS="1")
+    return subprocess.Popen(
+        [sys.executable, "-c", script, address],
+        cwd=tmp_path, env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_without_the_extension_hands_over(
+    mgr: shmpool.ManagerProcess, tmp_path: Any
+) -> None:
+    """Its Detach publishes the token for it; the handle outlives the sender's exit."""
+    import pickle
+
+    proc = _pure(PURE_SENDER, mgr.address, tmp_path)
+    out, err = proc.communicate("", timeout=30)
+    assert proc.returncode == 0, err
+    with mgr.connect() as pool:
+        lease = pool.attach(pickle.loads(bytes.fromhex(out)))
+        assert bytes(lease.view[:4]) == b"pure"
+        lease.release()
+        assert_balanced(pool.stats())
+
+
+@pytest.mark.timeout(60)
+def test_a_receiver_without_the_extension_attaches(
+    mgr: shmpool.ManagerProcess, tmp_path: Any
+) -> None:
+    import pickle
+
+    with mgr.connect() as pool:
+        lease = pool.acquire(5000)
+        lease.view[:4] = b"fast"
+        handle = lease.detach()
+        proc = _pure(PURE_RECEIVER, mgr.address, tmp_path)
+        out, err = proc.communicate(pickle.dumps(handle).hex(), timeout=30)
+        assert proc.returncode == 0, err
+        assert out == "fast"
+        assert_balanced(pool.stats())
