@@ -213,12 +213,6 @@ def _handoff_consumer(address: str, kind: str, conn: Any, queue: Any) -> None:
             conn.send_bytes(b"a")
     finally:
         if pool is not None:
-            if os.environ.get("SHMPOOL_BENCH_DEBUG"):
-                print(
-                    f"consumer: {len(pool._segments)} segments mapped, "
-                    f"{pool.messages} messages, {pool.manager_acquires} slots by round trip",
-                    file=sys.stderr,
-                )
             pool.close()
 
 
