@@ -216,6 +216,26 @@ def _handoff_consumer(address: str, kind: str, conn: Any, queue: Any) -> None:
             pool.close()
 
 
+def _windowed(send: Callable[[], None], conn: Any) -> Loop:
+    """A producer loop: ``send`` messages, at most ``WINDOW`` unacknowledged."""
+
+    def run(iters: int) -> int:
+        inflight = 0
+        t = _perf()
+        for _ in range(iters):
+            send()
+            inflight += 1
+            if inflight >= WINDOW:
+                conn.recv_bytes()
+                inflight -= 1
+        while inflight:
+            conn.recv_bytes()
+            inflight -= 1
+        return _perf() - t
+
+    return run
+
+
 def _iox_service(name: str) -> tuple[Any, Any, Any, Any]:
     import ctypes
 
@@ -288,23 +308,7 @@ class _IoxHandoff:
         self.notifier.notify()
 
     def loop(self, pool: Pool, n: int) -> Loop:
-        conn = self.conn
-
-        def run(iters: int) -> int:
-            inflight = 0
-            t = _perf()
-            for _ in range(iters):
-                self._send(n)
-                inflight += 1
-                if inflight >= WINDOW:
-                    conn.recv_bytes()
-                    inflight -= 1
-            while inflight:
-                conn.recv_bytes()
-                inflight -= 1
-            return _perf() - t
-
-        return run
+        return _windowed(lambda: self._send(n), self.conn)
 
     def close(self) -> None:
         self._send(1)
@@ -336,32 +340,20 @@ class _Handoff:
 
     def loop(self, pool: Pool, n: int) -> Loop:
         payload = b"\x01" * n
-        conn, queue, kind = self.conn, self.queue, self.kind
+        conn, queue = self.conn, self.queue
 
-        def run(iters: int) -> int:
-            inflight = 0
-            t = _perf()
-            for _ in range(iters):
-                if kind == "shmpool":
-                    lease = pool.acquire(n)
-                    view = lease.view
-                    view[0] = view[-1] = 1
-                    conn.send(lease)  # pickling detaches: the consumer attaches it
-                elif kind == "queue":
-                    assert queue is not None
-                    queue.put(payload)
-                else:
-                    conn.send_bytes(payload)
-                inflight += 1
-                if inflight >= WINDOW:
-                    conn.recv_bytes()
-                    inflight -= 1
-            while inflight:
-                conn.recv_bytes()
-                inflight -= 1
-            return _perf() - t
+        def send_lease() -> None:
+            lease = pool.acquire(n)
+            view = lease.view
+            view[0] = view[-1] = 1
+            conn.send(lease)  # pickling detaches: the consumer attaches it
 
-        return run
+        if self.kind == "shmpool":
+            return _windowed(send_lease, conn)
+        if self.kind == "queue":
+            assert queue is not None
+            return _windowed(lambda: queue.put(payload), conn)
+        return _windowed(lambda: conn.send_bytes(payload), conn)
 
     def close(self) -> None:
         if self.kind == "queue":

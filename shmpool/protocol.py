@@ -255,15 +255,9 @@ class Return(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Detach(_Message):
-    """Put a leased slot in transit under ``token``; no reply.
+class _SlotToken(_Message):
+    """Shared shape of the handoff messages: ``[type, req, slot, token]``."""
 
-    The slot leaves this client (its generation goes up by one) and waits,
-    for at most the manager's transit timeout, for an ``Attach`` naming the
-    new generation and the same token. A bad ``Detach`` closes the connection.
-    """
-
-    TYPE: ClassVar[int] = 6
     req: int
     slot: SlotRef
     token: int
@@ -279,8 +273,20 @@ class Detach(_Message):
     @classmethod
     def from_wire(cls, items: list[Any]) -> Any:
         if len(items) != 3 or type(items[1]) is not list:
-            raise TypeError("Detach is [req, [segment, index, generation], token]")
+            raise TypeError(f"{cls.__name__} is [req, [segment, index, generation], token]")
         return cls(items[0], SlotRef.from_wire(items[1]), items[2])
+
+
+@dataclass(frozen=True, slots=True)
+class Detach(_SlotToken):
+    """Put a leased slot in transit under ``token``; no reply.
+
+    The slot leaves this client (its generation goes up by one) and waits,
+    for at most the manager's transit timeout, for an ``Attach`` naming the
+    new generation and the same token. A bad ``Detach`` closes the connection.
+    """
+
+    TYPE: ClassVar[int] = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +321,7 @@ class Share(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Claimed(_Message):
+class Claimed(_SlotToken):
     """Notice (no reply): this client took a slot in transit by its ticket word.
 
     It swapped the ticket from ``token`` to ``CLAIMED | client id`` in shared
@@ -323,47 +329,13 @@ class Claimed(_Message):
     """
 
     TYPE: ClassVar[int] = 9
-    req: int
-    slot: SlotRef
-    token: int
-
-    def __post_init__(self) -> None:
-        _int(self.req, "req")
-        object.__setattr__(self, "slot", SlotRef.from_wire(list(self.slot)))
-        _int(self.token, "token")
-
-    def to_wire(self) -> list[Any]:
-        return [self.TYPE, self.req, list(self.slot), self.token]
-
-    @classmethod
-    def from_wire(cls, items: list[Any]) -> Any:
-        if len(items) != 3 or type(items[1]) is not list:
-            raise TypeError("Claimed is [req, [segment, index, generation], token]")
-        return cls(items[0], SlotRef.from_wire(items[1]), items[2])
 
 
 @dataclass(frozen=True, slots=True)
-class Attach(_Message):
+class Attach(_SlotToken):
     """Lease a slot in transit to this client; answered by a one-slot ``Grant``."""
 
     TYPE: ClassVar[int] = 7
-    req: int
-    slot: SlotRef
-    token: int
-
-    def __post_init__(self) -> None:
-        _int(self.req, "req")
-        object.__setattr__(self, "slot", SlotRef.from_wire(list(self.slot)))
-        _int(self.token, "token")
-
-    def to_wire(self) -> list[Any]:
-        return [self.TYPE, self.req, list(self.slot), self.token]
-
-    @classmethod
-    def from_wire(cls, items: list[Any]) -> Any:
-        if len(items) != 3 or type(items[1]) is not list:
-            raise TypeError("Attach is [req, [segment, index, generation], token]")
-        return cls(items[0], SlotRef.from_wire(items[1]), items[2])
 
 
 @dataclass(frozen=True, slots=True)
