@@ -111,18 +111,29 @@ lease_new_raw(PyTypeObject *type, PyObject *slot, Py_ssize_t size)
     return (PyObject *)lease;
 }
 
-static PyObject *
-lease_release(LeaseObject *self, PyObject *Py_UNUSED(ignored))
+/* Close the lease: release the view it handed out. 1 done, 0 closed already, -1 error. */
+static int
+lease_close_view(LeaseObject *self)
 {
     PyObject *view = self->view;
     if (view == NULL)
-        Py_RETURN_NONE;
+        return 0;
     self->view = NULL;
     PyObject *r = PyObject_CallOneArg(memoryview_release, view);
     Py_DECREF(view);
     if (r == NULL)
-        return NULL;
+        return -1;
     Py_DECREF(r);
+    return 1;
+}
+
+static PyObject *
+lease_release(LeaseObject *self, PyObject *Py_UNUSED(ignored))
+{
+    int closed = lease_close_view(self);
+    if (closed <= 0)
+        return closed < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *r;
     PyObject *slot = self->slot;
     PyObject *home = get_field(slot, SlotType, off_slot_home, s_home);
     if (home == NULL)
@@ -219,16 +230,8 @@ lease_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static PyObject *
 lease_disown(LeaseObject *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *view = self->view;
-    if (view == NULL)
-        Py_RETURN_FALSE;
-    self->view = NULL;
-    PyObject *r = PyObject_CallOneArg(memoryview_release, view);
-    Py_DECREF(view);
-    if (r == NULL)
-        return NULL;
-    Py_DECREF(r);
-    Py_RETURN_TRUE;
+    int closed = lease_close_view(self);
+    return closed < 0 ? NULL : PyBool_FromLong(closed);
 }
 
 static PyMethodDef lease_methods[] = {

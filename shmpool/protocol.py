@@ -214,10 +214,9 @@ class Acquire(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Release(_Message):
-    """Give leased slots back to the manager's free lists."""
+class _SlotBatch(_Message):
+    """Shared shape of Release and Return: ``[type, req, [slots...], hits]``."""
 
-    TYPE: ClassVar[int] = 3
     req: int
     slots: tuple[SlotRef, ...]
     hits: int = 0
@@ -232,7 +231,14 @@ class Release(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Return(_Message):
+class Release(_SlotBatch):
+    """Give leased slots back to the manager's free lists."""
+
+    TYPE: ClassVar[int] = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Return(_SlotBatch):
     """Give idle cached slots back, expecting no reply.
 
     Sent when a cache passes its high-water mark, answers a ``Recall``, or
@@ -241,17 +247,6 @@ class Return(_Message):
     """
 
     TYPE: ClassVar[int] = 5
-    req: int
-    slots: tuple[SlotRef, ...]
-    hits: int = 0
-
-    def __post_init__(self) -> None:
-        _int(self.req, "req")
-        object.__setattr__(self, "slots", _slots(self.slots, "slots", 1))
-        _int(self.hits, "hits")
-
-    def to_wire(self) -> list[Any]:
-        return [self.TYPE, self.req, [list(s) for s in self.slots], self.hits]
 
 
 @dataclass(frozen=True, slots=True)
