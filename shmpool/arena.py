@@ -197,18 +197,24 @@ class Arena:
         """
         c = self._conns[conn]
         seg, index = self._check(c, ref)
+        self._put_in_transit(seg, index, c, token, deadline)
+        if seg.cls is None:
+            c.known.discard(seg.id)  # the client unmaps a detached oversize segment
+        if seg.header:  # a sender without atomics leaves the word at 0: publish for it
+            self._ticket_cas(seg, index, 0, token)
+        return SlotRef(seg.id, index, seg.generations[index])
+
+    def _put_in_transit(
+        self, seg: Segment, index: int, c: _Conn, token: int, deadline: float
+    ) -> None:
+        """The holder ``c`` lets go of a slot, which waits for an attach under ``token``."""
         seg.holders[index] = TRANSIT
-        seg.generations[index] += 1
+        seg.generations[index] += 1  # the handle names the next generation
         c.held.discard((seg.id, index))
         if seg.cls is not None:
             seg.cls.leased -= 1
             seg.cls.in_transit += 1
-        else:
-            c.known.discard(seg.id)  # the client unmaps a detached oversize segment
         self._transit[(seg.id, index)] = (token, deadline)
-        if seg.header:  # a sender without atomics leaves the word at 0: publish for it
-            self._ticket_cas(seg, index, 0, token)
-        return SlotRef(seg.id, index, seg.generations[index])
 
     def share(self, conn: int, ref: SlotRef, token: int, readers: int, deadline: float) -> SlotRef:
         """Publish a slot of ``conn`` to ``readers`` attaches, read-only.
@@ -318,13 +324,7 @@ class Arena:
             claimer.known.add(seg.id)
             self._ticket_cas(seg, index, value, 0)
             return True
-        seg.holders[index] = TRANSIT  # a published token: the handle may be on its way
-        seg.generations[index] += 1
-        c.held.discard(key)
-        if seg.cls is not None:
-            seg.cls.leased -= 1
-            seg.cls.in_transit += 1
-        self._transit[key] = (value, deadline)
+        self._put_in_transit(seg, index, c, value, deadline)  # the handle may be on its way
         return True
 
     def claim(self, conn: int, ref: SlotRef, token: int) -> None:
