@@ -366,15 +366,20 @@ class Arena:
             self._ticket_cas(seg, ref.index, CLAIMED | c.id, 0)  # unless re-detached already
 
     def awaits_detach(self, ref: SlotRef) -> bool:
-        """True if ``ref`` names a leased slot one ``detach`` away from matching.
+        """True if ``ref`` names a slot some messages not read yet may bring to ``ref``.
 
         A handle travels beside the sender's Detach, on another socket, so an
-        Attach may reach the manager first; such an Attach should wait.
+        Attach or a Claimed may reach the manager first; it should wait. The
+        slot may be further behind than one Detach: handed A to B to C by
+        tickets, C's Claimed may come while B's Claimed and Detach are still
+        unread. So any slot that is leased or in transit at an older
+        generation may yet match.
         """
         seg = self._segments.get(ref.segment)
         if seg is None or not 0 <= ref.index < seg.nslots:
             return False
-        return seg.holders[ref.index] > 0 and seg.generations[ref.index] == ref.generation - 1
+        holder = seg.holders[ref.index]
+        return (holder > 0 or holder == TRANSIT) and seg.generations[ref.index] < ref.generation
 
     def expire_transit(self, now: float) -> int:
         """Free slots whose transit deadline passed; returns how many."""

@@ -758,3 +758,28 @@ def test_random_walk_keeps_every_invariant(seed: int) -> None:
     stats = arena.stats()
     assert all(c["leased"] == 0 for c in stats["classes"])
     assert stats["oversize"] == {"leases": 0, "bytes": 0}
+
+
+# ------------------------------------------------------------------ transit
+
+
+def test_a_handle_may_run_ahead_of_the_books_by_several_handoffs() -> None:
+    """A to B to C by ticket words: C's notice can come before B's Claimed and Detach.
+
+    The manager must wait for those (they are on another socket), not call
+    C's notice bogus; a slot that is free, or a handle from the past, is never
+    awaited.
+    """
+    arena, _ = make_arena(conns=3)
+    (ref,) = arena.acquire(1, 16).slots
+    ahead = SlotRef(ref.segment, ref.index, ref.generation + 2)  # after A's and B's Detach
+    assert arena.awaits_detach(SlotRef(ref.segment, ref.index, ref.generation + 1))
+    assert arena.awaits_detach(ahead)  # leased to A, two Detaches behind
+    moved = arena.detach(1, ref, token=7, deadline=1e9)
+    assert arena.awaits_detach(ahead)  # in transit; B's Claimed and Detach still unread
+    assert not arena.awaits_detach(moved)  # matches now: nothing to wait for
+    assert not arena.awaits_detach(ref)  # the past never comes back
+    (held,) = arena.attach(2, moved, token=7).slots
+    arena.release(2, [held])
+    assert not arena.awaits_detach(SlotRef(ref.segment, ref.index, held.generation + 5))  # free
+    assert not arena.awaits_detach(SlotRef(ref.segment + 99, ref.index, 1))
