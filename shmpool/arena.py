@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import PoolExhaustedError, StaleHandleError
-from .protocol import MAX_BATCH, MAX_FDS, SegmentInfo, SlotRef
+from .protocol import (
+    CLAIMED,
+    MAX_BATCH,
+    MAX_FDS,
+    SegmentInfo,
+    SlotRef,
+    claim_word,
+    claimer_of,
+    ticket_token,
+)
 from .sizeclass import Classes, format_size
 
 __all__ = ["DEFAULT_SEGMENT_BYTES", "Arena", "Backing", "Grant"]
@@ -40,8 +49,6 @@ DEFAULT_SEGMENT_BYTES = 4 << 20
 TRANSIT = -1
 #: The holder of a slot shared read-only by several clients.
 SHARED = -2
-#: A ticket word with this bit set holds the id of the connection that claimed it.
-CLAIMED = 1 << 63
 #: How much longer a late slot waits for a live claimer's Claimed notice.
 CLAIM_GRACE = 1.0
 #: Oversize segments are rounded up to whole pages, not to a power of two.
@@ -101,6 +108,7 @@ class _Conn:
     id: int
     pid: int
     name: str
+    key: int = 0  # for ticket_token: 0 means its tokens are not checked
     held: set[tuple[int, int]] = field(default_factory=set)
     known: set[int] = field(default_factory=set)  # segment ids this client has mapped
     messages: int = 0
@@ -160,10 +168,11 @@ class Arena:
 
     # ------------------------------------------------------------ connections
 
-    def add_conn(self, conn: int, pid: int, name: str = "") -> None:
+    def add_conn(self, conn: int, pid: int, name: str = "", key: int = 0) -> None:
+        """Start the books of a connection; ``key`` derives its handles' tokens."""
         if conn in self._conns or conn <= 0:
             raise ValueError(f"connection id {conn} is taken or invalid")
-        self._conns[conn] = _Conn(conn, pid, name)
+        self._conns[conn] = _Conn(conn, pid, name, key)
 
     def drop_conn(self, conn: int, now: float = 0.0, transit_timeout: float = 30.0) -> int:
         """Forget a connection and return every slot it held; returns how many.
@@ -187,22 +196,56 @@ class Arena:
 
     # ---------------------------------------------------------------- transit
 
-    def detach(self, conn: int, ref: SlotRef, token: int, deadline: float) -> SlotRef:
+    def detach(self, conn: int, ref: SlotRef, token: int, deadline: float) -> SlotRef | None:
         """Move a slot of ``conn`` in transit under ``token`` until ``deadline``.
 
-        Returns the reference an ``attach`` must name (generation + 1).
+        Returns the reference an ``attach`` must name (generation + 1), or
+        None if a receiver's claim or attach already did this (it came first
+        and proved the token, see ``_handed_on``).
 
         Raises:
-            StaleHandleError: ``ref`` is not a slot ``conn`` holds.
+            StaleHandleError: ``ref`` is not a slot ``conn`` holds or held, or
+                ``token`` is not the one its key gives.
         """
         c = self._conns[conn]
+        if c.key and token != ticket_token(c.key, ref.segment, ref.index, ref.generation + 1):
+            raise StaleHandleError(
+                f"slot {ref.segment}:{ref.index}: the token is not this client's"
+            )
+        seg = self._segments.get(ref.segment)
+        if (
+            c.key
+            and seg is not None
+            and 0 <= ref.index < seg.nslots
+            and seg.generations[ref.index] > ref.generation
+        ):
+            return None  # its receiver's notice came first and did this (the token proves it)
         seg, index = self._check(c, ref)
         self._put_in_transit(seg, index, c, token, deadline)
-        if seg.cls is None:
-            c.known.discard(seg.id)  # the client unmaps a detached oversize segment
-        if seg.header:  # a sender without atomics leaves the word at 0: publish for it
-            self._ticket_cas(seg, index, 0, token)
         return SlotRef(seg.id, index, seg.generations[index])
+
+    def _handed_on(self, seg: Segment, ref: SlotRef, token: int, deadline: float) -> bool:
+        """Apply a handoff whose sender's notice has not come yet, if ``token`` proves it.
+
+        ``ref`` names the generation after the handoff. Only the holder (and
+        the manager) can compute the token, so a matching one means the holder
+        let go of the slot and gave this handle away: the slot goes in transit
+        as the sender's notice would have put it. True if it did.
+        """
+        index = ref.index
+        holder = self._conns.get(seg.holders[index])
+        if (
+            holder is None
+            or not holder.key
+            or seg.generations[index] != ref.generation - 1
+            or not hmac.compare_digest(
+                _token_bytes(token),
+                _token_bytes(ticket_token(holder.key, seg.id, index, ref.generation)),
+            )
+        ):
+            return False
+        self._put_in_transit(seg, index, holder, token, deadline)
+        return True
 
     def _put_in_transit(
         self, seg: Segment, index: int, c: _Conn, token: int, deadline: float
@@ -214,7 +257,11 @@ class Arena:
         if seg.cls is not None:
             seg.cls.leased -= 1
             seg.cls.in_transit += 1
+        else:
+            c.known.discard(seg.id)  # the client unmaps a detached oversize segment
         self._transit[(seg.id, index)] = (token, deadline)
+        if seg.header:  # a sender without atomics leaves the word at 0: publish for it
+            self._ticket_cas(seg, index, 0, token)
 
     def share(self, conn: int, ref: SlotRef, token: int, readers: int, deadline: float) -> SlotRef:
         """Publish a slot of ``conn`` to ``readers`` attaches, read-only.
@@ -263,8 +310,12 @@ class Arena:
             del self._shares[key]
             self._free(self._segments[key[0]], key[1], None)
 
-    def attach(self, conn: int, ref: SlotRef, token: int) -> Grant:
+    def attach(self, conn: int, ref: SlotRef, token: int, deadline: float = 0.0) -> Grant:
         """Lease a slot in transit to ``conn``, if ``ref`` and ``token`` match.
+
+        A slot still leased to its sender is handed on first if ``token``
+        proves the sender let go of it (``_handed_on``; ``deadline`` is its
+        transit deadline should this attach lose to a claim).
 
         Raises:
             StaleHandleError: attached already, expired, a forged token or
@@ -276,6 +327,13 @@ class Arena:
         seg = self._segments.get(ref.segment)
         if seg is not None and key in self._shares:
             return self._attach_shared(c, seg, ref, token)
+        if (
+            entry is None
+            and seg is not None
+            and 0 <= ref.index < seg.nslots
+            and self._handed_on(seg, ref, token, deadline)
+        ):
+            entry = self._transit[key]
         if (
             entry is None
             or seg is None
@@ -314,7 +372,7 @@ class Arena:
             return False
         key = (seg.id, index)
         if value & CLAIMED:
-            claimer = self._conns.get(value & ~CLAIMED)
+            claimer = self._conns.get(claimer_of(value))
             if claimer is None:
                 return False  # claimed by a client that is gone too
             seg.holders[index] = claimer.id
@@ -327,27 +385,28 @@ class Arena:
         self._put_in_transit(seg, index, c, value, deadline)  # the handle may be on its way
         return True
 
-    def claim(self, conn: int, ref: SlotRef, token: int) -> None:
+    def claim(self, conn: int, ref: SlotRef, token: int, deadline: float = 0.0) -> None:
         """Record that ``conn`` took a slot in transit by its ticket (no Grant).
 
         The client already swapped the ticket word from ``token`` to
-        ``CLAIMED | conn``; this moves the books and clears the word.
+        ``claim_word(conn, ref.generation)``; this moves the books and clears
+        the word. A slot
+        still leased to its sender is handed on first if ``token`` proves the
+        sender let go of it (``_handed_on``).
 
         Raises:
-            StaleHandleError: no such slot is in transit under ``token``.
+            StaleHandleError: no such slot is in transit under ``token``, nor
+                provably about to be.
         """
         c = self._conns[conn]
         key = (ref.segment, ref.index)
         entry = self._transit.get(key)
         seg = self._segments.get(ref.segment)
-        if (
-            entry is None
-            and seg is not None
-            and 0 <= ref.index < seg.nslots
-            and seg.holders[ref.index] == c.id
-            and seg.generations[ref.index] == ref.generation
-        ):
-            return  # applied already, when the sender's connection was dropped
+        if entry is None and seg is not None and 0 <= ref.index < seg.nslots:
+            if seg.holders[ref.index] == c.id and seg.generations[ref.index] == ref.generation:
+                return  # applied already, when the sender's connection was dropped
+            if self._handed_on(seg, ref, token, deadline):
+                entry = self._transit[key]
         if (
             entry is None
             or seg is None
@@ -363,7 +422,8 @@ class Arena:
             seg.cls.in_transit -= 1
             seg.cls.leased += 1
         if seg.header:
-            self._ticket_cas(seg, ref.index, CLAIMED | c.id, 0)  # unless re-detached already
+            # unless handed on again already (a later claim has another generation)
+            self._ticket_cas(seg, ref.index, claim_word(c.id, ref.generation), 0)
 
     def awaits_detach(self, ref: SlotRef) -> bool:
         """True if ``ref`` names a slot some messages not read yet may bring to ``ref``.
@@ -406,7 +466,7 @@ class Arena:
         if self._ticket_cas(seg, index, token, 0):
             return True
         value = self._ticket_load(seg, index)
-        if value & CLAIMED and (value & ~CLAIMED) in self._conns:
+        if value & CLAIMED and claimer_of(value) in self._conns:
             self._transit[(seg.id, index)] = (token, now + CLAIM_GRACE)
             return False  # claimed: its Claimed is queued on that connection
         return True  # claimed by a client that died before saying so: free it

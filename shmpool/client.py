@@ -26,7 +26,6 @@ import contextlib
 import logging
 import mmap
 import os
-import secrets
 import select
 import socket
 import struct
@@ -66,12 +65,13 @@ log = logging.getLogger("shmpool")
 CACHE_BYTES = 64 << 20
 #: The first refill of a class asks for at most this many slots.
 FIRST_BATCH = 4
-#: Refills closer together than this double the class's batch (it is hot).
+#: Refills (or trims) closer together than this double the class's batch (it is hot).
 HOT_INTERVAL = 1.0
-#: A ticket word with this bit set holds the id of the connection that claimed it.
-CLAIMED = 1 << 63
 #: Default seconds without an acquire after which a cache is given back.
 IDLE_TIMEOUT = 5.0
+#: Handoff notices a process keeps before it sends them in one message. They
+#: also go out with the next request, and within ``JANITOR_PERIOD`` anyway.
+NOTICE_BATCH = 64
 
 _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 _speedups: Any = vars(_buffer)["_speedups"]
@@ -142,6 +142,9 @@ class Pool:
         self._janitor: Janitor | None = None
         self.client_id = -1
         self._tickets_on = False
+        self._key = 0
+        self._notices: list[list[Any]] = []  # unsent handoff notices, oldest first
+        self._claims: set[tuple[int, int]] = set()  # slots claimed in those notices
         self._reset_counters()
         welcome = self._connect()
         self.manager_pid = welcome.manager_pid
@@ -174,7 +177,7 @@ class Pool:
     def _new_caches(self) -> None:
         """Fresh, empty caches; slots in the old ones are no longer ours to hand out."""
         self._batch = [min(FIRST_BATCH, m) for m in self._max_batch]
-        self._last_refill = [0.0] * self._nclasses
+        self._last_batch = [0.0] * self._nclasses
         self._caches = [_Cache(self, i, 2 * b) for i, b in enumerate(self._batch)]
         self._oversize_home = _OversizeHome(self)
         self._shared_home = _SharedHome(self)
@@ -233,11 +236,7 @@ class Pool:
             if cache:  # another thread refilled while we waited
                 return cache.pop()  # type: ignore[no-any-return]
             self._misses += 1
-            now = time.monotonic()
-            if now - self._last_refill[index] < HOT_INTERVAL:
-                self._batch[index] = min(2 * self._batch[index], self._max_batch[index])
-                cache.high = 2 * self._batch[index]
-            self._last_refill[index] = now
+            self._note_batch(index)
             size = 1 << (self._min_shift + index)
             req = self._next_req()
             request = p.encode_acquire(req, size, self._batch[index], self.cache_hits)
@@ -246,6 +245,19 @@ class Pool:
             first = slots.pop()
             self._caches[index].extend(slots)
             return first
+
+    def _note_batch(self, index: int) -> None:
+        """A batch of class ``index`` comes or goes (lock held): grow batches of a hot class.
+
+        Refills make a class hot in a process that acquires; trims make it hot
+        in one that mostly releases slots other processes handed to it (a
+        consumer), which then returns them in batches as large.
+        """
+        now = time.monotonic()
+        if now - self._last_batch[index] < HOT_INTERVAL:
+            self._batch[index] = min(2 * self._batch[index], self._max_batch[index])
+            self._caches[index].high = 2 * self._batch[index]
+        self._last_batch[index] = now
 
     def _acquire_oversize(self, size: int) -> Lease:
         with self._lock:
@@ -319,6 +331,7 @@ class Pool:
                 cache.clear()  # an orphan (after fork, close or a lost manager)
                 return
             self._return(cache, max(0, len(cache) - self._batch[cache.cls]))  # one batch goes
+            self._note_batch(cache.cls)
 
     def _return(self, cache: _Cache, keep: int) -> int:
         """Send all but ``keep`` of a cache's slots back (lock held); no reply awaited."""
@@ -418,6 +431,7 @@ class Pool:
             raise self._gone(ProtocolError(f"expected Welcome, got {type(reply).__name__}"))
         self.client_id = reply.client_id
         self._tickets_on = bool(reply.tickets) and _speedups is not None
+        self._key = reply.key
         return reply
 
     def _ensure_connection(self) -> socket.socket:
@@ -437,6 +451,11 @@ class Pool:
     def _send(self, data: bytes, hello: bool = False) -> socket.socket:
         sock = self._sock if hello else self._ensure_connection()
         assert sock is not None
+        if self._notices and not hello:
+            self._flush_notices()  # they come before anything this client says next
+        return self._send_on(sock, data)
+
+    def _send_on(self, sock: socket.socket, data: bytes) -> socket.socket:
         try:
             sock.send(data)
         except BlockingIOError:
@@ -447,6 +466,36 @@ class Pool:
             raise self._gone(exc) from None
         self.messages += 1
         return sock
+
+    def _note(self, kind: int, ref: p.SlotRef, token: int, urgent: bool = False) -> None:
+        """Queue a handoff notice (lock held); send the queue when it is full.
+
+        The ticket word already says who holds the slot, so the manager's
+        books can wait. Two exceptions send the queue at once: an ``urgent``
+        notice, one that the ticket word does not back (no C extension, or a
+        segment without words), is the only record of its handoff; and
+        handing on a slot whose claim is still queued must put that claim on
+        the wire before the slot can be claimed again (if this process died
+        holding both, nothing would tell the manager who had the slot in
+        between).
+        """
+        self._notices.append([kind, ref, token])
+        if kind == p.NOTICE_CLAIMED:
+            self._claims.add((ref.segment, ref.index))
+        elif urgent or (ref.segment, ref.index) in self._claims:
+            self._flush_notices()
+            return
+        if len(self._notices) == 1:
+            self._ensure_janitor()  # it sends them within JANITOR_PERIOD
+        elif len(self._notices) >= NOTICE_BATCH:
+            self._flush_notices()
+
+    def _flush_notices(self) -> None:
+        """Send the queued handoff notices in one message (lock held)."""
+        notices, self._notices = self._notices, []
+        self._claims.clear()
+        if notices and self._sock is not None and self._pid == os.getpid():
+            self._send_on(self._sock, p.encode_notices(self._next_req(), notices))
 
     def _call(self, request: p.Message) -> tuple[p.Message, list[int]]:
         """Send a request object and return its reply (the lock must be held)."""
@@ -529,6 +578,7 @@ class Pool:
         self._lock = threading.Lock()
         self._janitor = None
         self._broken = None
+        self._notices, self._claims = [], set()  # the parent sends its own
         self._reset_counters()
         if not self._closed:
             self._new_caches()
@@ -577,14 +627,14 @@ class Pool:
             if view is None:
                 raise LeaseClosedError("this lease was released or detached already")
             length = len(view)
-            token = secrets.randbits(63) | 1  # never 0: 0 means "no handoff"
             ref = slot.ref
-            self._publish_ticket(ref, token)  # may raise: the lease stays ours then
+            token = p.ticket_token(self._key, ref.segment, ref.index, ref.generation + 1)
+            published = self._publish_ticket(ref, token)  # may raise: the lease stays ours
             lease._disown()
             if readers:
                 self._send(p.encode(p.Share(self._next_req(), ref, token, readers)))
             else:
-                self._send(p.encode(p.Detach(self._next_req(), ref, token)))
+                self._note(p.NOTICE_DETACHED, ref, token, urgent=not published)
             if slot.home is self._oversize_home:
                 self._unmap(ref.segment)  # its new holder maps it; we must not pin it
         return Handle(
@@ -592,21 +642,24 @@ class Pool:
             length, slot.capacity, readers,
         )  # fmt: skip
 
-    def _publish_ticket(self, ref: p.SlotRef, token: int) -> None:
+    def _publish_ticket(self, ref: p.SlotRef, token: int) -> bool:
         """Put ``token`` in the slot's ticket word, so a receiver can claim it there.
 
-        The word holds 0, or our own claim the manager has not cleared yet.
+        The word holds 0, or our own claim of it (by a handle of the slot's
+        generation) that the manager has not cleared yet.
+        Returns False if the slot has no word this process can write.
         """
         seg = self._segments.get(ref.segment)
         if not self._tickets_on or seg is None or seg.tickets is None:
-            return
+            return False
         offset = 8 * ref.index
+        ours = p.claim_word(self.client_id, ref.generation)
         for _ in range(3):  # the manager may clear our claim meanwhile: retry
             current = _speedups.load64(seg.tickets, offset)
-            if current not in (0, CLAIMED | self.client_id):
+            if current not in (0, ours):
                 raise UsageError(f"slot {ref.segment}:{ref.index} is not ours to hand on")
             if _speedups.cas64(seg.tickets, offset, current, token):
-                return
+                return True
         raise UsageError(f"the ticket of slot {ref.segment}:{ref.index} keeps changing")
 
     def _claim(self, handle: Handle) -> Lease | None:
@@ -629,13 +682,13 @@ class Pool:
         index = handle.capacity.bit_length() - 1 - self._min_shift
         with self._lock:
             self._ensure_connection()  # our own connection (after a fork: a new one) first
-            claimed = CLAIMED | self.client_id
+            claimed = p.claim_word(self.client_id, handle.generation)
             if not _speedups.cas64(seg.tickets, 8 * handle.index, handle.token, claimed):
                 if _speedups.load64(seg.tickets, 8 * handle.index) == 0:
                     return None  # not published (yet): let the manager decide
                 raise StaleHandleError("this handle is stale: attached already, expired, or forged")
             ref = p.SlotRef(handle.segment, handle.index, handle.generation)
-            self._send(p.encode(p.Claimed(self._next_req(), ref, handle.token)))
+            self._note(p.NOTICE_CLAIMED, ref, handle.token)
             home = self._caches[max(0, index)]
         slot = _Slot(ref, seg.view[offset : offset + seg.slot_size], home)
         return make_lease(slot, min(handle.length, slot.capacity))
@@ -719,6 +772,9 @@ class Pool:
         if self._closed:
             return
         with self._lock:
+            if self._notices:
+                with contextlib.suppress(ShmpoolError):
+                    self._flush_notices()  # the manager learns where the slots went
             self._closed = True
             for cache in self._caches:
                 cache.clear()

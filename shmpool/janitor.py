@@ -23,7 +23,7 @@ JANITOR_PERIOD = 0.05
 
 
 class Janitor(threading.Thread):
-    """Per-pool daemon thread: answers recalls and returns an idle cache.
+    """Per-pool daemon thread: answers recalls, sends handoff notices, returns an idle cache.
 
     Every ``JANITOR_PERIOD`` it looks, without blocking anyone, whether the
     manager spoke unasked (a Recall, or end-of-file when it died) and
@@ -63,6 +63,8 @@ class Janitor(threading.Thread):
                 if not pool._live() or pool._janitor is not self:
                     return
                 pool._poll_manager()
+                if pool._notices:
+                    pool._flush_notices()  # handoffs the manager has not heard of yet
                 now = time.monotonic()
                 if pool._activity() != seen:
                     seen, idle_since = pool._activity(), now

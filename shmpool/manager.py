@@ -56,6 +56,8 @@ REFUSE_LINGER = 1.0
 MAX_REFUSED = 64
 #: How long an Attach that overtook its Detach waits for it.
 ATTACH_WAIT = 1.0
+#: Connection ids run 1..MAX_CLIENT_ID, then start again (skipping live ones).
+MAX_CLIENT_ID = 0xFFFF_FFFF
 
 
 class _Peer:
@@ -130,7 +132,8 @@ class Manager:
         self.instance = secrets.randbits(63)
         self._waiting: deque[_Waiter] = deque()
         self._attaching: list[tuple[_Peer, p.Attach, float]] = []
-        self._claiming: list[tuple[_Peer, p.Claimed, float]] = []
+        # notices that wait for other clients' notices (their sender is paused)
+        self._claiming: list[tuple[_Peer, tuple[p.Notice, ...], float]] = []
         self.pid = os.getpid()
         self._peers: dict[int, _Peer] = {}
         self._by_fd: dict[int, _Peer] = {}
@@ -314,7 +317,10 @@ class Manager:
             self._refuse(sock, f"uid {uid} may not use this manager")
             return
         peer = _Peer(sock, self._next_id, pid, uid)
-        self._next_id += 1
+        while True:  # ids fit 32 bits (ticket words hold them) and are never shared
+            self._next_id = self._next_id % MAX_CLIENT_ID + 1
+            if self._next_id not in self._peers:
+                break
         self._peers[peer.id] = peer
         self._by_fd[sock.fileno()] = peer
         self._sel.register(sock, selectors.EVENT_READ, self._on_peer)
@@ -430,13 +436,12 @@ class Manager:
             except ShmpoolError as exc:  # a correct client never returns what it lacks
                 raise ProtocolError(f"bad Return: {exc}") from None
             self._serve_waiting()
-        elif isinstance(msg, p.Detach):
+        elif isinstance(msg, p.Notices):
             arena.note_message(peer.id)
-            deadline = time.monotonic() + self.transit_timeout
-            try:
-                arena.detach(peer.id, msg.slot, msg.token, deadline)
-            except ShmpoolError as exc:  # a correct client only detaches what it holds
-                raise ProtocolError(f"bad Detach: {exc}") from None
+            rest = self._apply_notices(peer, msg.items)
+            if rest:
+                self._pause(peer)  # its later messages may depend on the notice that waits
+                self._claiming.append((peer, rest, time.monotonic() + self.transit_timeout))
             if self._attaching or self._claiming:
                 self._serve_attaching()
         elif isinstance(msg, p.Share):
@@ -447,17 +452,6 @@ class Manager:
             except ShmpoolError as exc:  # a correct client only shares what it holds
                 raise ProtocolError(f"bad Share: {exc}") from None
             if self._attaching:
-                self._serve_attaching()
-        elif isinstance(msg, p.Claimed):
-            arena.note_message(peer.id)
-            try:
-                arena.claim(peer.id, msg.slot, msg.token)
-            except StaleHandleError:
-                if not arena.awaits_detach(msg.slot):
-                    raise ProtocolError("a Claimed for a slot that is not in transit") from None
-                self._pause(peer)  # its Detach, on the sender's socket, is still on the way
-                self._claiming.append((peer, msg, time.monotonic() + self.transit_timeout))
-            if self._attaching or self._claiming:
                 self._serve_attaching()
         elif isinstance(msg, p.Attach):
             arena.note_message(peer.id)
@@ -536,8 +530,36 @@ class Manager:
             )
             self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, "exhausted", text)))
 
+    def _apply_notices(self, peer: _Peer, items: Sequence[p.Notice]) -> tuple[p.Notice, ...]:
+        """Apply ``peer``'s handoff notices in order; return those that must wait.
+
+        A claim may name a slot the books have not caught up with: other
+        clients' notices, still unread, will bring it there. It waits, and so
+        do the notices after it (they may name the same slot).
+
+        Raises:
+            ProtocolError: a notice no correct client sends.
+        """
+        arena = self.arena
+        deadline = time.monotonic() + self.transit_timeout
+        for i, notice in enumerate(items):
+            if notice.kind == p.NOTICE_DETACHED:
+                try:
+                    arena.detach(peer.id, notice.slot, notice.token, deadline)
+                except ShmpoolError as exc:  # a correct client only hands on what it holds
+                    raise ProtocolError(f"bad handoff notice: {exc}") from None
+                continue
+            try:
+                arena.claim(peer.id, notice.slot, notice.token, deadline)
+            except StaleHandleError:
+                if not arena.awaits_detach(notice.slot):
+                    raise ProtocolError("a claim of a slot that is not in transit") from None
+                return tuple(items[i:])
+        return ()
+
     def _attach(self, peer: _Peer, msg: p.Attach) -> None:
-        g = self.arena.attach(peer.id, msg.slot, msg.token)
+        deadline = time.monotonic() + self.transit_timeout
+        g = self.arena.attach(peer.id, msg.slot, msg.token, deadline)
         reply = p.Grant(msg.req, g.slot_size, tuple(g.slots), tuple(g.segments))
         self._send(peer, p.encode(reply), g.fds)
 
@@ -553,22 +575,32 @@ class Manager:
         self._sel.register(peer.sock, events, self._on_peer)
 
     def _serve_claiming(self) -> None:
-        """Apply Claimed notices that overtook their Detach; drop the bogus."""
+        """Apply notices that overtook the notices they depend on; drop the bogus.
+
+        Applying one client's waiting notices may unblock another's (a slot
+        handed A to B to C), so this goes round until nothing moves.
+        """
         now = time.monotonic()
-        waiting, self._claiming = self._claiming, []
-        for peer, msg, deadline in waiting:
-            if peer.id not in self._peers:
-                continue
-            try:
-                self.arena.claim(peer.id, msg.slot, msg.token)
-            except StaleHandleError:
-                if deadline > now and self.arena.awaits_detach(msg.slot):
-                    self._claiming.append((peer, msg, deadline))
+        moved = True
+        while moved and self._claiming:
+            moved = False
+            waiting, self._claiming = self._claiming, []
+            for peer, items, deadline in waiting:
+                if peer.id not in self._peers:
                     continue
-                log.warning("client %d (pid %d) sent a bogus Claimed", peer.id, peer.pid)
-                self._drop(peer, "bogus Claimed")
-                continue
-            self._resume(peer)
+                try:
+                    rest = self._apply_notices(peer, items)
+                except ProtocolError as exc:
+                    rest, deadline = items, now  # refused now: as bogus as one never matched
+                    log.debug("client %d (pid %d): %s", peer.id, peer.pid, exc)
+                moved = moved or len(rest) < len(items)
+                if not rest:
+                    self._resume(peer)
+                elif deadline > now:
+                    self._claiming.append((peer, rest, deadline))
+                else:
+                    log.warning("client %d (pid %d) sent a bogus claim", peer.id, peer.pid)
+                    self._drop(peer, "bogus claim")
 
     def _serve_attaching(self) -> None:
         """Retry Attaches that arrived before their Detach; refuse the hopeless."""
@@ -598,6 +630,7 @@ class Manager:
         """Seconds until the nearest deadline (waiting acquire or attach, transit); 1 at most."""
         deadlines: list[float] = [self._waiting[0].deadline] if self._waiting else []
         deadlines += [deadline for _, _, deadline in self._attaching]
+        deadlines += [deadline for _, _, deadline in self._claiming]
         transit = self.arena.next_deadline()
         if transit is not None:
             deadlines.append(transit)
@@ -613,7 +646,8 @@ class Manager:
             )
         peer.welcomed = True
         peer.name = msg.name[:64]
-        self.arena.add_conn(peer.id, peer.pid, peer.name)
+        key = secrets.randbits(63) | 1  # never 0: 0 means "tokens not checked"
+        self.arena.add_conn(peer.id, peer.pid, peer.name, key)
         welcome = p.Welcome(
             msg.req,
             p.VERSION,
@@ -623,6 +657,7 @@ class Manager:
             peer.id,
             self.instance,
             int(self.tickets),
+            key,
         )
         self._send(peer, p.encode(welcome))
 

@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -35,19 +36,22 @@ from .errors import ProtocolError
 from .sizeclass import MAX_SHIFT
 
 __all__ = [
+    "CLAIMED",
     "MAX_BATCH",
     "MAX_FDS",
     "MAX_REPLY",
     "MAX_REQUEST",
+    "NOTICE_CLAIMED",
+    "NOTICE_DETACHED",
     "VERSION",
     "Acquire",
     "Attach",
-    "Claimed",
-    "Detach",
     "Error",
     "Grant",
     "Hello",
     "Message",
+    "Notice",
+    "Notices",
     "Ok",
     "Recall",
     "Release",
@@ -58,11 +62,14 @@ __all__ = [
     "Stats",
     "StatsReply",
     "Welcome",
+    "claim_word",
+    "claimer_of",
     "decode",
     "encode",
+    "ticket_token",
 ]
 
-VERSION = 1
+VERSION = 2
 #: Largest request datagram a client may send (a full Release batch fits easily).
 MAX_REQUEST = 16 * 1024
 #: Largest reply datagram the manager sends (below the ~200 KiB SEQPACKET limit).
@@ -273,22 +280,10 @@ class _SlotToken(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Detach(_SlotToken):
-    """Put a leased slot in transit under ``token``; no reply.
-
-    The slot leaves this client (its generation goes up by one) and waits,
-    for at most the manager's transit timeout, for an ``Attach`` naming the
-    new generation and the same token. A bad ``Detach`` closes the connection.
-    """
-
-    TYPE: ClassVar[int] = 6
-
-
-@dataclass(frozen=True, slots=True)
 class Share(_Message):
     """Publish a leased slot read-only to ``readers`` attaches; no reply.
 
-    Like ``Detach``, the slot leaves this client (generation + 1); up to
+    Like a handoff, the slot leaves this client (generation + 1); up to
     ``readers`` Attaches naming the new generation and the token may join it
     before the transit timeout; it is freed when the last reader releases it.
     """
@@ -315,15 +310,109 @@ class Share(_Message):
         return cls(items[0], SlotRef.from_wire(items[1]), items[2], items[3])
 
 
-@dataclass(frozen=True, slots=True)
-class Claimed(_SlotToken):
-    """Notice (no reply): this client took a slot in transit by its ticket word.
+#: ``Notice.kind``: the client let go of a slot it held (handed it on).
+NOTICE_DETACHED = 0
+#: ``Notice.kind``: the client took a handed-on slot by its ticket word.
+NOTICE_CLAIMED = 1
 
-    It swapped the ticket from ``token`` to ``CLAIMED | client id`` in shared
-    memory; the manager moves its books. A bogus Claimed closes the connection.
+
+class Notice(NamedTuple):
+    """One entry of ``Notices``: what happened to ``slot``, and under which token.
+
+    ``NOTICE_DETACHED``: this client let go of the slot it held as ``slot`` (the
+    generation before the handoff); the handle names ``slot.generation + 1``.
+    ``NOTICE_CLAIMED``: this client took the slot named by a handle (``slot`` is the
+    handle's generation) by swapping its ticket word from ``token`` to
+    ``claim_word(client id, generation)``.
     """
 
-    TYPE: ClassVar[int] = 9
+    kind: int
+    slot: SlotRef
+    token: int
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Notice:
+        if type(value) is not list or len(value) != 3:
+            raise TypeError("a notice must be [kind, [segment, index, generation], token]")
+        kind, slot, token = value
+        _int(kind, "kind", NOTICE_DETACHED, NOTICE_CLAIMED)
+        _int(token, "token")
+        return cls(kind, SlotRef.from_wire(slot), token)
+
+
+@dataclass(frozen=True, slots=True)
+class Notices(_Message):
+    """Handoffs this client made or took, in the order it made them; no reply.
+
+    A client batches these (see ``client.NOTICE_BATCH``): the ticket words in
+    shared memory already say who holds each slot, so the manager's books may
+    lag a little. It applies the notices in order; one that names a slot its
+    books have not caught up with waits (the messages that catch them up are
+    on another client's socket), and so do the notices after it. A bogus
+    notice closes the connection.
+    """
+
+    TYPE: ClassVar[int] = 10
+    req: int
+    items: tuple[Notice, ...]
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        items = self.items
+        if type(items) not in (list, tuple) or not 1 <= len(items) <= MAX_BATCH:
+            raise ValueError(f"items must be a list of 1..{MAX_BATCH} notices")
+        object.__setattr__(
+            self, "items", tuple(Notice.from_wire(_wire_notice(item)) for item in items)
+        )
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req, [_wire_notice(n) for n in self.items]]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Any:
+        if len(items) != 2:
+            raise TypeError("Notices is [req, [notice, ...]]")
+        return cls(*items)
+
+
+def _wire_notice(item: Any) -> Any:
+    if type(item) is Notice:
+        return [item.kind, list(item.slot), item.token]
+    return item
+
+
+#: A ticket word with this bit set records a claim (see ``claim_word``).
+CLAIMED = 1 << 63
+_LOW32 = 0xFFFF_FFFF
+
+
+def claim_word(client_id: int, generation: int) -> int:
+    """The ticket word of a slot that ``client_id`` claimed by a handle of ``generation``.
+
+    The generation's low 31 bits are in it, so that clearing a claim (a
+    compare-and-swap from this value) never clears a later claim of the same
+    slot by the same client. Client ids stay below 2**32.
+    """
+    return CLAIMED | (generation & 0x7FFF_FFFF) << 32 | (client_id & _LOW32)
+
+
+def claimer_of(word: int) -> int:
+    """The client id in a claimed ticket word."""
+    return word & _LOW32
+
+
+def ticket_token(key: int, segment: int, index: int, generation: int) -> int:
+    """The token a client with ``key`` puts on the handle of slot ``segment:index``.
+
+    A keyed hash (BLAKE2b) of the slot and the generation the handle names:
+    unguessable without ``key`` (which only the client and the manager know),
+    never 0, never with bit 63 set, and different for every handoff. Because
+    the manager can compute it too, it can check a receiver's claim or
+    ``Attach`` before the sender's own notice arrives.
+    """
+    data = b"".join(v.to_bytes(8, "little") for v in (segment, index, generation))
+    digest = hashlib.blake2b(data, digest_size=8, key=key.to_bytes(8, "little")).digest()
+    return (int.from_bytes(digest, "little") & MAX_ID) | 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,12 +448,14 @@ class Welcome(_Message):
     max_size: int
     client_id: int
     instance: int = 0  # random per manager run: tells its handles from another's
-    tickets: int = 0  # 1: segments start with ticket words; Claimed is understood
+    tickets: int = 0  # 1: segments start with ticket words; claim notices are understood
+    key: int = 0  # this client's key for ``ticket_token``
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
         _int(self.instance, "instance")
         _int(self.tickets, "tickets", 0, 1)
+        _int(self.key, "key")
         _int(self.version, "version", 0, 2**16)
         _int(self.manager_pid, "manager_pid", 0, 2**31)
         _int(self.min_size, "min_size", 1, MAX_BUFFER)
@@ -471,10 +562,9 @@ Message = (
     | Acquire
     | Release
     | Return
-    | Detach
+    | Notices
     | Share
     | Attach
-    | Claimed
     | Stats
     | Welcome
     | Grant
@@ -491,10 +581,9 @@ _TYPES: dict[int, type[Any]] = {
         Acquire,
         Release,
         Return,
-        Detach,
+        Notices,
         Share,
         Attach,
-        Claimed,
         Stats,
         Welcome,
         Grant,
@@ -504,9 +593,9 @@ _TYPES: dict[int, type[Any]] = {
         Recall,
     )
 }
-REQUESTS = (Hello, Acquire, Release, Return, Detach, Share, Attach, Claimed, Stats)
+REQUESTS = (Hello, Acquire, Release, Return, Notices, Share, Attach, Stats)
 #: Requests that get no reply when they succeed.
-NO_REPLY = (Return, Detach, Share, Claimed)
+NO_REPLY = (Return, Notices, Share)
 REPLIES = (Welcome, Grant, Ok, StatsReply, Error, Recall)
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -529,6 +618,11 @@ def encode_acquire(req: int, size: int, count: int, hits: int) -> bytes:
 def encode_return(req: int, slots: list[SlotRef], hits: int) -> bytes:
     """``encode(Return(...))`` without building the object (see ``encode_acquire``)."""
     return _pack([Return.TYPE, req, slots, hits])  # type: ignore[no-any-return]
+
+
+def encode_notices(req: int, items: list[list[Any]]) -> bytes:
+    """``encode(Notices(...))`` from ``[kind, SlotRef, token]`` lists (see ``encode_acquire``)."""
+    return _pack([Notices.TYPE, req, items])  # type: ignore[no-any-return]
 
 
 def decode(data: bytes, *, max_size: int = MAX_REPLY) -> Message:

@@ -220,7 +220,7 @@ def test_hot_refills_double_the_batch_up_to_its_cap(
         pool.trim()
         pool._batch[i] = min(4, cap)
         pool._caches[i].high = 2 * pool._batch[i]
-        pool._last_refill[i] = time.monotonic() - 2 * HOT_INTERVAL
+        pool._last_batch[i] = time.monotonic() - 2 * HOT_INTERVAL
         before = pool.manager_acquires
         pool.acquire(size).release()
         assert pool.manager_acquires - before == min(4, cap)

@@ -62,17 +62,20 @@ SAMPLES: list[Any] = [
     Release(4, [SlotRef(i, i, MAX_ID) for i in range(MAX_BATCH)], 99),
     Return(14, (SlotRef(1, 0, 1),)),
     Return(15, [SlotRef(MAX_ID, i, MAX_ID) for i in range(MAX_BATCH)], MAX_ID),
-    p.Detach(16, SlotRef(1, 2, 3), 0),
-    p.Detach(17, SlotRef(MAX_ID, MAX_ID, MAX_ID), MAX_ID),
+    p.Notices(16, (p.Notice(p.NOTICE_DETACHED, SlotRef(1, 2, 3), 0),)),
+    p.Notices(17, [p.Notice(p.NOTICE_CLAIMED, SlotRef(MAX_ID, MAX_ID, MAX_ID), MAX_ID)]),
+    p.Notices(
+        22,
+        [p.Notice(i % 2, SlotRef(MAX_ID, i, MAX_ID), MAX_ID) for i in range(MAX_BATCH)],
+    ),
     p.Attach(18, SlotRef(1, 2, 4), 12345),
     p.Share(20, SlotRef(1, 2, 3), 5, 1),
-    p.Claimed(22, SlotRef(1, 2, 3), 7),
-    p.Claimed(23, SlotRef(MAX_ID, MAX_ID, MAX_ID), MAX_ID),
     p.Share(21, SlotRef(MAX_ID, 0, MAX_ID), MAX_ID, p.MAX_READERS),
     p.Attach(19, SlotRef(0, 0, 0), MAX_ID),
     Stats(5),
     Welcome(0, 1, 4321, 4096, 1 << 26, 3),
     Welcome(1, 1, 1, 1, MAX_BUFFER, MAX_ID),
+    Welcome(2, 2, 1, 1, MAX_BUFFER, 5, MAX_ID, 1, MAX_ID),
     Grant(6, 4096, (SlotRef(1, 0, 1),)),
     Grant(
         7,
@@ -214,6 +217,18 @@ BAD_CONSTRUCTIONS: list[tuple[str, Any, tuple[Any, ...], type[Exception]]] = [
     ("welcome max too big", Welcome, (0, 1, 1, 4096, 2**49, 1), ValueError),
     ("welcome pid too big", Welcome, (0, 1, 2**31 + 1, 4096, 4096, 1), ValueError),
     ("welcome client bool", Welcome, (0, 1, 1, 4096, 4096, True), TypeError),
+    ("welcome key negative", Welcome, (0, 1, 1, 4096, 4096, 1, 0, 1, -1), ValueError),
+    ("welcome key too big", Welcome, (0, 1, 1, 4096, 4096, 1, 0, 1, 2**63), ValueError),
+    ("notices none", p.Notices, (0, []), ValueError),
+    ("notices too many", p.Notices, (0, [[0, [1, 0, 1], 1]] * (MAX_BATCH + 1)), ValueError),
+    ("notices not a list", p.Notices, (0, 5), ValueError),
+    ("notice kind 2", p.Notices, (0, [[2, [1, 0, 1], 1]]), ValueError),
+    ("notice kind bool", p.Notices, (0, [[True, [1, 0, 1], 1]]), TypeError),
+    ("notice short", p.Notices, (0, [[0, [1, 0, 1]]]), TypeError),
+    ("notice slot short", p.Notices, (0, [[0, [1, 0], 1]]), TypeError),
+    ("notice token negative", p.Notices, (0, [[0, [1, 0, 1], -1]]), ValueError),
+    ("notice token too big", p.Notices, (0, [[1, [1, 0, 1], 2**63]]), ValueError),
+    ("notice not a list", p.Notices, (0, [7]), TypeError),
     ("grant no slots", Grant, (0, 4096, []), ValueError),
     ("grant too many slots", Grant, (0, 4096, [_SLOT] * (MAX_BATCH + 1)), ValueError),
     ("grant slot_size zero", Grant, (0, 0, [_SLOT]), ValueError),
@@ -604,3 +619,29 @@ def test_decode_refuses_zero_length_bin_and_ext(data: bytes) -> None:
     # (``shmpool stats --json`` dumps them).
     with pytest.raises(ProtocolError):
         decode(data)
+
+
+# ------------------------------------------------------------------ tokens
+
+
+def test_ticket_tokens_differ_per_key_slot_and_generation() -> None:
+    base = p.ticket_token(12345, 1, 2, 3)
+    assert base == p.ticket_token(12345, 1, 2, 3)  # the manager recomputes the client's
+    others = {
+        p.ticket_token(12346, 1, 2, 3),
+        p.ticket_token(12345, 2, 2, 3),
+        p.ticket_token(12345, 1, 3, 3),
+        p.ticket_token(12345, 1, 2, 4),
+    }
+    assert base not in others and len(others) == 4
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ticket_tokens_are_nonzero_63_bit_ints(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(500):
+        key = rng.randrange(1, MAX_ID)
+        token = p.ticket_token(
+            key, rng.randrange(MAX_ID), rng.randrange(MAX_ID), rng.randrange(MAX_ID)
+        )
+        assert 1 <= token <= MAX_ID and token & 1  # never 0 ("no handoff"), never CLAIMED's bit

@@ -10,7 +10,7 @@ from conftest import assert_balanced, client_entries, wait_for
 
 import shmpool
 from shmpool import buffer
-from shmpool.client import CLAIMED
+from shmpool.protocol import claim_word
 
 pytestmark = pytest.mark.skipif(not buffer.SPEEDUPS, reason="ticket words need the C extension")
 
@@ -43,22 +43,63 @@ def test_the_manager_says_tickets_are_on(mgr: shmpool.ManagerProcess) -> None:
         pool.attach(handle).release()
 
 
-def test_a_claim_sends_one_notice_and_waits_for_nothing(mgr: shmpool.ManagerProcess) -> None:
+def test_a_handoff_sends_nothing_at_once_and_the_books_follow(
+    mgr: shmpool.ManagerProcess,
+) -> None:
     with mgr.connect() as a, mgr.connect() as b:
         _mapped(a, b)
         lease = a.acquire(SIZE)
         lease.view[:4] = b"tick"
+        sent_a, sent_b = a.messages, b.messages
         handle = lease.detach()
-        before = b.messages
         got = b.attach(handle)
-        assert b.messages == before + 1  # the Claimed notice, no request
+        assert (a.messages, b.messages) == (sent_a, sent_b)  # both notices wait in a queue
         assert bytes(got.view[:4]) == b"tick"
-        stats = wait_for(lambda: (s := a.stats())["in_transit"] == 0 and s)
+        # the janitors send them within a period; the books then agree with the words
+        stats = wait_for(
+            lambda: (
+                (s := a.stats())["in_transit"] == 0
+                and any(c["id"] == b.client_id and c["leased"] for c in s["clients"])
+                and s
+            )
+        )
         assert_balanced(stats)
-        mine = client_entries(stats, os.getpid())
-        assert sum(c["leased"] for c in mine) >= 1
+        assert b.messages == sent_b + 1 and a.messages > sent_a
         assert _ticket(b, handle) == 0  # the manager cleared the claim
         got.release()
+        b.trim()
+        assert_balanced(a.stats())
+        assert _ticket(a, handle) == 0  # reset when the slot went back
+        with pytest.raises(shmpool.StaleHandleError):
+            a.attach(handle)
+
+
+def test_notices_go_out_before_the_next_request(mgr: shmpool.ManagerProcess) -> None:
+    with mgr.connect() as a, mgr.connect() as b:
+        _mapped(a, b)
+        handles = [a.acquire(SIZE).detach() for _ in range(3)]
+        leases = [b.attach(h) for h in handles]
+        stats = b.stats()  # b's claims go first, so the manager has them; a's are unsent
+        mine = [c for c in stats["clients"] if c["id"] == b.client_id]
+        assert mine[0]["leased"] >= 3  # applied by their tokens, before a said a word
+        assert stats["in_transit"] == 0
+        assert_balanced(stats)
+        for lease in leases:
+            lease.release()
+
+
+def test_a_full_queue_of_notices_goes_out_at_once(mgr: shmpool.ManagerProcess) -> None:
+    from shmpool.client import NOTICE_BATCH
+
+    with mgr.connect() as a, mgr.connect() as b:
+        _mapped(a, b)
+        leases = [a.acquire(SIZE) for _ in range(NOTICE_BATCH)]
+        sent = a.messages
+        handles = [lease.detach() for lease in leases]
+        assert a.messages == sent + 1  # one message for NOTICE_BATCH handoffs
+        for h in handles:
+            b.attach(h).release()
+        assert_balanced(b.stats())
 
 
 def test_forged_and_repeated_claims_are_refused_locally(mgr: shmpool.ManagerProcess) -> None:
@@ -98,9 +139,8 @@ def _claim_and_die(address: str, handle: shmpool.Handle, w: int) -> None:
         pool = shmpool.connect(address, name="claimer")
         pool.acquire(SIZE).release()  # maps the segment the handle names
         seg = pool._segments[handle.segment]
-        ok = buffer._speedups.cas64(
-            seg.tickets, 8 * handle.index, handle.token, CLAIMED | pool.client_id
-        )
+        claimed = claim_word(pool.client_id, handle.generation)
+        ok = buffer._speedups.cas64(seg.tickets, 8 * handle.index, handle.token, claimed)
         os.write(w, b"1" if ok else b"0")
     finally:
         os._exit(0)  # no Claimed notice, no goodbye
@@ -245,3 +285,22 @@ def test_a_receiver_without_the_extension_attaches(
         assert proc.returncode == 0, err
         assert out == "fast"
         assert_balanced(pool.stats())
+
+
+def test_a_slot_handed_to_ourselves_again_and_again(mgr: shmpool.ManagerProcess) -> None:
+    """Each claim of the same slot by the same client is told apart from the last.
+
+    The manager clears a claim from the ticket word only if it is the claim
+    its notice names; clearing a newer one would let it publish an old token
+    over a slot this process holds (and a second attach of that handle win).
+    """
+    import pickle
+
+    with mgr.connect() as pool:
+        pool.acquire(SIZE).release()
+        for i in range(3000):
+            lease = pickle.loads(pickle.dumps(pool.acquire(SIZE)))  # detach, then claim
+            lease.view[:4] = i.to_bytes(4, "little")
+            lease.release()
+        stats = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s)
+        assert_balanced(stats)
