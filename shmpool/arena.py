@@ -37,7 +37,7 @@ from .protocol import (
     SlotRef,
     claim_word,
     claimer_of,
-    ticket_token,
+    token_maker,
 )
 from .sizeclass import Classes, format_size
 
@@ -108,9 +108,10 @@ class _Conn:
     id: int
     pid: int
     name: str
-    key: int = 0  # for ticket_token: 0 means its tokens are not checked
     held: set[tuple[int, int]] = field(default_factory=set)
     known: set[int] = field(default_factory=set)  # segment ids this client has mapped
+    # ticket_token with its key; None: its tokens are not checked (tests of the books)
+    token: Callable[[int, int, int], int] | None = None
     messages: int = 0
     manager_acquires: int = 0
     cache_hits: int = 0
@@ -172,7 +173,7 @@ class Arena:
         """Start the books of a connection; ``key`` derives its handles' tokens."""
         if conn in self._conns or conn <= 0:
             raise ValueError(f"connection id {conn} is taken or invalid")
-        self._conns[conn] = _Conn(conn, pid, name, key)
+        self._conns[conn] = _Conn(conn, pid, name, token=token_maker(key) if key else None)
 
     def drop_conn(self, conn: int, now: float = 0.0, transit_timeout: float = 30.0) -> int:
         """Forget a connection and return every slot it held; returns how many.
@@ -208,13 +209,13 @@ class Arena:
                 ``token`` is not the one its key gives.
         """
         c = self._conns[conn]
-        if c.key and token != ticket_token(c.key, ref.segment, ref.index, ref.generation + 1):
+        if c.token is not None and token != c.token(ref.segment, ref.index, ref.generation + 1):
             raise StaleHandleError(
                 f"slot {ref.segment}:{ref.index}: the token is not this client's"
             )
         seg = self._segments.get(ref.segment)
         if (
-            c.key
+            c.token is not None
             and seg is not None
             and 0 <= ref.index < seg.nslots
             and seg.generations[ref.index] > ref.generation
@@ -236,11 +237,10 @@ class Arena:
         holder = self._conns.get(seg.holders[index])
         if (
             holder is None
-            or not holder.key
+            or holder.token is None
             or seg.generations[index] != ref.generation - 1
             or not hmac.compare_digest(
-                _token_bytes(token),
-                _token_bytes(ticket_token(holder.key, seg.id, index, ref.generation)),
+                _token_bytes(token), _token_bytes(holder.token(seg.id, index, ref.generation))
             )
         ):
             return False

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -142,7 +143,7 @@ class Pool:
         self._janitor: Janitor | None = None
         self.client_id = -1
         self._tickets_on = False
-        self._key = 0
+        self._token: Any = None  # ticket_token with this connection's key
         self._notices: list[list[Any]] = []  # unsent handoff notices, oldest first
         self._claims: set[tuple[int, int]] = set()  # slots claimed in those notices
         self._reset_counters()
@@ -431,7 +432,7 @@ class Pool:
             raise self._gone(ProtocolError(f"expected Welcome, got {type(reply).__name__}"))
         self.client_id = reply.client_id
         self._tickets_on = bool(reply.tickets) and _speedups is not None
-        self._key = reply.key
+        self._token = p.token_maker(reply.key)
         return reply
 
     def _ensure_connection(self) -> socket.socket:
@@ -615,12 +616,16 @@ class Pool:
 
     def _detach(self, lease: Lease, readers: int = 0) -> Handle:
         slot = lease._slot
+        home = slot.home
         with self._lock:
             if self._closed:
                 raise PoolClosedError("this pool was closed; its leases cannot be detached")
-            if isinstance(slot.home, _SharedHome):
+            if type(home) is _SharedHome:
                 raise UsageError("a reader's lease of a shared slot cannot be detached or shared")
-            if self._pid != os.getpid() or slot.home is not self._home_of(slot):
+            if self._pid != os.getpid() or not (
+                home is self._oversize_home
+                or (home.pool is self and self._caches[home.cls] is home)  # not an orphan
+            ):
                 raise UsageError("this lease belongs to another process (or connection)")
             self._ensure_connection()
             view = lease._view
@@ -628,7 +633,7 @@ class Pool:
                 raise LeaseClosedError("this lease was released or detached already")
             length = len(view)
             ref = slot.ref
-            token = p.ticket_token(self._key, ref.segment, ref.index, ref.generation + 1)
+            token = self._token(ref.segment, ref.index, ref.generation + 1)
             published = self._publish_ticket(ref, token)  # may raise: the lease stays ours
             lease._disown()
             if readers:
@@ -671,36 +676,28 @@ class Pool:
         Raises:
             StaleHandleError: the word does not hold the handle's token.
         """
-        if not self._tickets_on or handle.readers:
+        _, segment, index, generation, token, length, capacity, readers = handle
+        seg = self._segments.get(segment)
+        if not self._tickets_on or readers or seg is None or seg.tickets is None:
             return None
-        seg = self._segments.get(handle.segment)
-        if seg is None or seg.tickets is None or seg.slot_size != handle.capacity:
+        size = seg.slot_size
+        if size != capacity:
             return None
-        offset = seg.header + handle.index * seg.slot_size
-        if 8 * handle.index + 8 > seg.header or offset + seg.slot_size > len(seg.view):
+        offset = seg.header + index * size
+        if 8 * index + 8 > seg.header or offset + size > len(seg.view):
             raise StaleHandleError("this handle is forged: its slot lies outside its segment")
-        index = handle.capacity.bit_length() - 1 - self._min_shift
         with self._lock:
             self._ensure_connection()  # our own connection (after a fork: a new one) first
-            claimed = p.claim_word(self.client_id, handle.generation)
-            if not _speedups.cas64(seg.tickets, 8 * handle.index, handle.token, claimed):
-                if _speedups.load64(seg.tickets, 8 * handle.index) == 0:
+            claimed = p.claim_word(self.client_id, generation)
+            if not _speedups.cas64(seg.tickets, 8 * index, token, claimed):
+                if _speedups.load64(seg.tickets, 8 * index) == 0:
                     return None  # not published (yet): let the manager decide
                 raise StaleHandleError("this handle is stale: attached already, expired, or forged")
-            ref = p.SlotRef(handle.segment, handle.index, handle.generation)
-            self._note(p.NOTICE_CLAIMED, ref, handle.token)
-            home = self._caches[max(0, index)]
-        slot = _Slot(ref, seg.view[offset : offset + seg.slot_size], home)
-        return make_lease(slot, min(handle.length, slot.capacity))
-
-    def _home_of(self, slot: _Slot) -> Any:
-        if isinstance(slot.home, _OversizeHome):
-            return self._oversize_home
-        if isinstance(slot.home, _SharedHome):
-            return None  # a reader's lease cannot be handed on
-        caches = self._caches_list()
-        index = slot.capacity.bit_length() - 1 - self._min_shift
-        return caches[index] if 0 <= index < len(caches) else None
+            ref = p.SlotRef(segment, index, generation)
+            self._note(p.NOTICE_CLAIMED, ref, token)
+            home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
+        slot = _Slot(ref, seg.view[offset : offset + size], home)
+        return make_lease(slot, min(length, size))
 
     def attach(self, handle: Handle) -> Lease:
         """Lease the slot behind ``handle`` (from ``Lease.detach()``) to this process.
@@ -841,11 +838,29 @@ def connect(
 
 
 def _pool_for(handle: Handle) -> Pool:
-    """A live pool of this process connected to the manager that issued ``handle``."""
+    """A live pool of this process connected to the manager that issued ``handle``.
+
+    The last one found is tried first: a process that unpickles many leases
+    should not walk every pool for each.
+    """
+    global _last_pool
+    pool = _last_pool()
+    if pool is not None and pool.manager_instance == handle.instance and pool._live():
+        return pool
     for pool in list(_POOLS):
         if pool._live() and pool.manager_instance == handle.instance:
-            return pool
-    return _default_pool()
+            break
+    else:
+        pool = _default_pool()
+    _last_pool = weakref.ref(pool)
+    return pool
+
+
+def _no_pool() -> Pool | None:
+    return None
+
+
+_last_pool: Callable[[], Pool | None] = _no_pool
 
 
 def _attach_anywhere(handle: Handle) -> Lease:

@@ -27,6 +27,8 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -67,6 +69,7 @@ __all__ = [
     "decode",
     "encode",
     "ticket_token",
+    "token_maker",
 ]
 
 VERSION = 2
@@ -381,6 +384,8 @@ def _wire_notice(item: Any) -> Any:
     return item
 
 
+_THREE_WORDS = struct.Struct("<3Q")
+
 #: A ticket word with this bit set records a claim (see ``claim_word``).
 CLAIMED = 1 << 63
 _LOW32 = 0xFFFF_FFFF
@@ -410,9 +415,21 @@ def ticket_token(key: int, segment: int, index: int, generation: int) -> int:
     the manager can compute it too, it can check a receiver's claim or
     ``Attach`` before the sender's own notice arrives.
     """
-    data = b"".join(v.to_bytes(8, "little") for v in (segment, index, generation))
-    digest = hashlib.blake2b(data, digest_size=8, key=key.to_bytes(8, "little")).digest()
-    return (int.from_bytes(digest, "little") & MAX_ID) | 1
+    return token_maker(key)(segment, index, generation)
+
+
+def token_maker(key: int) -> Callable[[int, int, int], int]:
+    """``ticket_token`` with ``key`` bound, keyed once (a third of the cost per call)."""
+    keyed = hashlib.blake2b(digest_size=8, key=key.to_bytes(8, "little"))
+    pack = _THREE_WORDS.pack
+    from_bytes = int.from_bytes
+
+    def token(segment: int, index: int, generation: int) -> int:
+        h = keyed.copy()
+        h.update(pack(segment, index, generation))
+        return (from_bytes(h.digest(), "little") & MAX_ID) | 1
+
+    return token
 
 
 @dataclass(frozen=True, slots=True)

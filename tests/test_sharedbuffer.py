@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import pickle
 import random
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,16 @@ def _held_by(pool: shmpool.Pool, pid: int) -> int:
     buffer may attach in any live pool of this process connected to the manager.
     """
     return sum(c["leased"] for c in client_entries(pool.stats(), pid))
+
+
+def _eventually(predicate: Callable[[], bool], timeout: float = 10) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` s pass (in a child: no assert)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _leased(stats: dict[str, Any], size: int) -> int:
@@ -120,7 +132,9 @@ def pickled_buffer_child(address: str, conn: Any) -> None:
             "len": len(buf),
             "tell": buf.tell(),
             "intact": buf.getvalue() == expected,
-            "mine": _held_by(pool, os.getpid()) >= 1,
+            # the pool it attached in (under fork, maybe one inherited from the
+            # parent) tells the manager with its next message or janitor tick
+            "mine": _eventually(lambda: _held_by(pool, os.getpid()) >= 1),
         }
         buf.seek(0, io.SEEK_END)
         buf.write(b"|appended by the child")
