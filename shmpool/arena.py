@@ -110,6 +110,8 @@ class _Conn:
     name: str
     held: set[tuple[int, int]] = field(default_factory=set)
     known: set[int] = field(default_factory=set)  # segment ids this client has mapped
+    # handoffs applied before this client's own notice came: (segment, index) -> token
+    handed: dict[tuple[int, int], int] = field(default_factory=dict)
     # ticket_token with its key; None: its tokens are not checked (tests of the books)
     token: Callable[[int, int, int], int] | None = None
     messages: int = 0
@@ -201,26 +203,18 @@ class Arena:
         """Move a slot of ``conn`` in transit under ``token`` until ``deadline``.
 
         Returns the reference an ``attach`` must name (generation + 1), or
-        None if a receiver's claim or attach already did this (it came first
-        and proved the token, see ``_handed_on``).
+        None if a receiver's claim or attach already did this: it came first
+        and proved the token (see ``_handed_on``), and this notice carries
+        the same token for the same handoff.
 
         Raises:
-            StaleHandleError: ``ref`` is not a slot ``conn`` holds or held, or
-                ``token`` is not the one its key gives.
+            StaleHandleError: ``ref`` is not a slot ``conn`` holds, nor one
+                it provably handed on.
         """
         c = self._conns[conn]
-        if c.token is not None and token != c.token(ref.segment, ref.index, ref.generation + 1):
-            raise StaleHandleError(
-                f"slot {ref.segment}:{ref.index}: the token is not this client's"
-            )
-        seg = self._segments.get(ref.segment)
-        if (
-            c.token is not None
-            and seg is not None
-            and 0 <= ref.index < seg.nslots
-            and seg.generations[ref.index] > ref.generation
-        ):
-            return None  # its receiver's notice came first and did this (the token proves it)
+        if c.handed and c.handed.get((ref.segment, ref.index)) == token:
+            del c.handed[(ref.segment, ref.index)]
+            return None  # its receiver's notice came first and did this
         seg, index = self._check(c, ref)
         self._put_in_transit(seg, index, c, token, deadline)
         return SlotRef(seg.id, index, seg.generations[index])
@@ -245,6 +239,7 @@ class Arena:
         ):
             return False
         self._put_in_transit(seg, index, holder, token, deadline)
+        holder.handed[(seg.id, index)] = token  # its own notice, when it comes, is moot
         return True
 
     def _put_in_transit(

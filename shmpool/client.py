@@ -144,7 +144,7 @@ class Pool:
         self.client_id = -1
         self._tickets_on = False
         self._token: Any = None  # ticket_token with this connection's key
-        self._notices: list[list[Any]] = []  # unsent handoff notices, oldest first
+        self._notices: list[int] = []  # unsent handoff notices, oldest first (Notices.flat)
         self._claims: set[tuple[int, int]] = set()  # slots claimed in those notices
         self._reset_counters()
         welcome = self._connect()
@@ -480,15 +480,16 @@ class Pool:
         holding both, nothing would tell the manager who had the slot in
         between).
         """
-        self._notices.append([kind, ref, token])
+        self._notices += (kind, *ref, token)
         if kind == p.NOTICE_CLAIMED:
             self._claims.add((ref.segment, ref.index))
         elif urgent or (ref.segment, ref.index) in self._claims:
             self._flush_notices()
             return
-        if len(self._notices) == 1:
+        queued = len(self._notices)
+        if queued == p.NOTICE_WORDS:
             self._ensure_janitor()  # it sends them within JANITOR_PERIOD
-        elif len(self._notices) >= NOTICE_BATCH:
+        elif queued >= NOTICE_BATCH * p.NOTICE_WORDS:
             self._flush_notices()
 
     def _flush_notices(self) -> None:
@@ -863,9 +864,13 @@ def _no_pool() -> Pool | None:
 _last_pool: Callable[[], Pool | None] = _no_pool
 
 
-def _attach_anywhere(handle: Handle) -> Lease:
-    """Unpickle a Lease: attach its handle in a pool of this process."""
+def _attach_anywhere(*fields: int) -> Lease:
+    """Unpickle a Lease: attach its handle (given field by field) in a pool of this process."""
+    handle = Handle(*fields)
     return _pool_for(handle).attach(handle)
+
+
+_buffer._unpickle = _attach_anywhere  # what Lease.__reduce__ names
 
 
 def _attach_buffer_anywhere(handle: Handle) -> SharedBuffer:

@@ -133,7 +133,7 @@ class Manager:
         self._waiting: deque[_Waiter] = deque()
         self._attaching: list[tuple[_Peer, p.Attach, float]] = []
         # notices that wait for other clients' notices (their sender is paused)
-        self._claiming: list[tuple[_Peer, tuple[p.Notice, ...], float]] = []
+        self._claiming: list[tuple[_Peer, tuple[int, ...], float]] = []
         self.pid = os.getpid()
         self._peers: dict[int, _Peer] = {}
         self._by_fd: dict[int, _Peer] = {}
@@ -438,7 +438,7 @@ class Manager:
             self._serve_waiting()
         elif isinstance(msg, p.Notices):
             arena.note_message(peer.id)
-            rest = self._apply_notices(peer, msg.items)
+            rest = self._apply_notices(peer, msg.flat)
             if rest:
                 self._pause(peer)  # its later messages may depend on the notice that waits
                 self._claiming.append((peer, rest, time.monotonic() + self.transit_timeout))
@@ -530,31 +530,35 @@ class Manager:
             )
             self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, "exhausted", text)))
 
-    def _apply_notices(self, peer: _Peer, items: Sequence[p.Notice]) -> tuple[p.Notice, ...]:
+    def _apply_notices(self, peer: _Peer, flat: tuple[int, ...]) -> tuple[int, ...]:
         """Apply ``peer``'s handoff notices in order; return those that must wait.
 
-        A claim may name a slot the books have not caught up with: other
-        clients' notices, still unread, will bring it there. It waits, and so
-        do the notices after it (they may name the same slot).
+        ``flat`` is ``Notices.flat``. A claim may name a slot the books have
+        not caught up with: other clients' notices, still unread, will bring
+        it there. It waits, and so do the notices after it (they may name
+        the same slot).
 
         Raises:
             ProtocolError: a notice no correct client sends.
         """
         arena = self.arena
         deadline = time.monotonic() + self.transit_timeout
-        for i, notice in enumerate(items):
-            if notice.kind == p.NOTICE_DETACHED:
+        words = p.NOTICE_WORDS
+        for i in range(0, len(flat), words):
+            kind, segment, index, generation, token = flat[i : i + words]
+            ref = p.SlotRef(segment, index, generation)
+            if kind == p.NOTICE_DETACHED:
                 try:
-                    arena.detach(peer.id, notice.slot, notice.token, deadline)
+                    arena.detach(peer.id, ref, token, deadline)
                 except ShmpoolError as exc:  # a correct client only hands on what it holds
                     raise ProtocolError(f"bad handoff notice: {exc}") from None
                 continue
             try:
-                arena.claim(peer.id, notice.slot, notice.token, deadline)
+                arena.claim(peer.id, ref, token, deadline)
             except StaleHandleError:
-                if not arena.awaits_detach(notice.slot):
+                if not arena.awaits_detach(ref):
                     raise ProtocolError("a claim of a slot that is not in transit") from None
-                return tuple(items[i:])
+                return flat[i:]
         return ()
 
     def _attach(self, peer: _Peer, msg: p.Attach) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -45,6 +45,7 @@ __all__ = [
     "MAX_REQUEST",
     "NOTICE_CLAIMED",
     "NOTICE_DETACHED",
+    "NOTICE_WORDS",
     "VERSION",
     "Acquire",
     "Attach",
@@ -320,27 +321,28 @@ NOTICE_CLAIMED = 1
 
 
 class Notice(NamedTuple):
-    """One entry of ``Notices``: what happened to ``slot``, and under which token.
+    """One entry of ``Notices``: what happened to a slot, and under which token.
 
-    ``NOTICE_DETACHED``: this client let go of the slot it held as ``slot`` (the
-    generation before the handoff); the handle names ``slot.generation + 1``.
-    ``NOTICE_CLAIMED``: this client took the slot named by a handle (``slot`` is the
-    handle's generation) by swapping its ticket word from ``token`` to
-    ``claim_word(client id, generation)``.
+    ``NOTICE_DETACHED``: this client let go of the slot it held at
+    ``generation``; the handle names ``generation + 1``.
+    ``NOTICE_CLAIMED``: this client took the slot named by a handle
+    (``generation`` is the handle's) by swapping its ticket word from
+    ``token`` to ``claim_word(client id, generation)``.
     """
 
     kind: int
-    slot: SlotRef
+    segment: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose
+    generation: int
     token: int
 
-    @classmethod
-    def from_wire(cls, value: Any) -> Notice:
-        if type(value) is not list or len(value) != 3:
-            raise TypeError("a notice must be [kind, [segment, index, generation], token]")
-        kind, slot, token = value
-        _int(kind, "kind", NOTICE_DETACHED, NOTICE_CLAIMED)
-        _int(token, "token")
-        return cls(kind, SlotRef.from_wire(slot), token)
+    @property
+    def slot(self) -> SlotRef:
+        return SlotRef(self.segment, self.index, self.generation)
+
+
+#: Ints per notice on the wire: kind, segment, index, generation, token.
+NOTICE_WORDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,35 +355,51 @@ class Notices(_Message):
     books have not caught up with waits (the messages that catch them up are
     on another client's socket), and so do the notices after it. A bogus
     notice closes the connection.
+
+    On the wire and in ``flat`` the notices are one flat array of ints,
+    ``NOTICE_WORDS`` per notice, so that the manager reads a batch without
+    building an object per notice; ``items`` gives them as ``Notice`` objects.
     """
 
     TYPE: ClassVar[int] = 10
     req: int
-    items: tuple[Notice, ...]
+    flat: tuple[int, ...]
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
-        items = self.items
-        if type(items) not in (list, tuple) or not 1 <= len(items) <= MAX_BATCH:
-            raise ValueError(f"items must be a list of 1..{MAX_BATCH} notices")
-        object.__setattr__(
-            self, "items", tuple(Notice.from_wire(_wire_notice(item)) for item in items)
-        )
+        flat = self.flat
+        if type(flat) not in (list, tuple):
+            raise TypeError("notices must be a flat list of ints")
+        n = len(flat)
+        if n % NOTICE_WORDS or not 1 <= n // NOTICE_WORDS <= MAX_BATCH:
+            raise ValueError(f"notices must be 1..{MAX_BATCH} groups of {NOTICE_WORDS} ints")
+        for value in flat:  # the common case, checked fast
+            if type(value) is not int:
+                raise TypeError(f"a notice holds a {type(value).__name__}, not an int")
+        if min(flat) < 0 or max(flat) > MAX_ID:
+            raise ValueError(f"a notice field is out of range 0..{MAX_ID}")
+        if max(flat[::NOTICE_WORDS]) > NOTICE_CLAIMED:
+            raise ValueError("a notice kind is not NOTICE_DETACHED or NOTICE_CLAIMED")
+        object.__setattr__(self, "flat", tuple(flat))
+
+    @classmethod
+    def of(cls, req: int, notices: Iterable[Notice]) -> Notices:
+        """A ``Notices`` message from ``Notice`` objects."""
+        return cls(req, tuple(v for notice in notices for v in notice))
+
+    @property
+    def items(self) -> tuple[Notice, ...]:
+        flat, w = self.flat, NOTICE_WORDS
+        return tuple(Notice(*flat[i : i + w]) for i in range(0, len(flat), w))
 
     def to_wire(self) -> list[Any]:
-        return [self.TYPE, self.req, [_wire_notice(n) for n in self.items]]
+        return [self.TYPE, self.req, list(self.flat)]
 
     @classmethod
     def from_wire(cls, items: list[Any]) -> Any:
         if len(items) != 2:
-            raise TypeError("Notices is [req, [notice, ...]]")
+            raise TypeError("Notices is [req, [kind, segment, index, generation, token, ...]]")
         return cls(*items)
-
-
-def _wire_notice(item: Any) -> Any:
-    if type(item) is Notice:
-        return [item.kind, list(item.slot), item.token]
-    return item
 
 
 _THREE_WORDS = struct.Struct("<3Q")
@@ -637,9 +655,9 @@ def encode_return(req: int, slots: list[SlotRef], hits: int) -> bytes:
     return _pack([Return.TYPE, req, slots, hits])  # type: ignore[no-any-return]
 
 
-def encode_notices(req: int, items: list[list[Any]]) -> bytes:
-    """``encode(Notices(...))`` from ``[kind, SlotRef, token]`` lists (see ``encode_acquire``)."""
-    return _pack([Notices.TYPE, req, items])  # type: ignore[no-any-return]
+def encode_notices(req: int, flat: list[int]) -> bytes:
+    """``encode(Notices(req, flat))`` without building the object (see ``encode_acquire``)."""
+    return _pack([Notices.TYPE, req, flat])  # type: ignore[no-any-return]
 
 
 def decode(data: bytes, *, max_size: int = MAX_REPLY) -> Message:

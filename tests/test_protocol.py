@@ -62,12 +62,9 @@ SAMPLES: list[Any] = [
     Release(4, [SlotRef(i, i, MAX_ID) for i in range(MAX_BATCH)], 99),
     Return(14, (SlotRef(1, 0, 1),)),
     Return(15, [SlotRef(MAX_ID, i, MAX_ID) for i in range(MAX_BATCH)], MAX_ID),
-    p.Notices(16, (p.Notice(p.NOTICE_DETACHED, SlotRef(1, 2, 3), 0),)),
-    p.Notices(17, [p.Notice(p.NOTICE_CLAIMED, SlotRef(MAX_ID, MAX_ID, MAX_ID), MAX_ID)]),
-    p.Notices(
-        22,
-        [p.Notice(i % 2, SlotRef(MAX_ID, i, MAX_ID), MAX_ID) for i in range(MAX_BATCH)],
-    ),
+    p.Notices(16, (p.NOTICE_DETACHED, 1, 2, 3, 0)),
+    p.Notices.of(17, [p.Notice(p.NOTICE_CLAIMED, MAX_ID, MAX_ID, MAX_ID, MAX_ID)]),
+    p.Notices.of(22, [p.Notice(i % 2, MAX_ID, i, MAX_ID, MAX_ID) for i in range(MAX_BATCH)]),
     p.Attach(18, SlotRef(1, 2, 4), 12345),
     p.Share(20, SlotRef(1, 2, 3), 5, 1),
     p.Share(21, SlotRef(MAX_ID, 0, MAX_ID), MAX_ID, p.MAX_READERS),
@@ -220,15 +217,18 @@ BAD_CONSTRUCTIONS: list[tuple[str, Any, tuple[Any, ...], type[Exception]]] = [
     ("welcome key negative", Welcome, (0, 1, 1, 4096, 4096, 1, 0, 1, -1), ValueError),
     ("welcome key too big", Welcome, (0, 1, 1, 4096, 4096, 1, 0, 1, 2**63), ValueError),
     ("notices none", p.Notices, (0, []), ValueError),
-    ("notices too many", p.Notices, (0, [[0, [1, 0, 1], 1]] * (MAX_BATCH + 1)), ValueError),
-    ("notices not a list", p.Notices, (0, 5), ValueError),
-    ("notice kind 2", p.Notices, (0, [[2, [1, 0, 1], 1]]), ValueError),
-    ("notice kind bool", p.Notices, (0, [[True, [1, 0, 1], 1]]), TypeError),
-    ("notice short", p.Notices, (0, [[0, [1, 0, 1]]]), TypeError),
-    ("notice slot short", p.Notices, (0, [[0, [1, 0], 1]]), TypeError),
-    ("notice token negative", p.Notices, (0, [[0, [1, 0, 1], -1]]), ValueError),
-    ("notice token too big", p.Notices, (0, [[1, [1, 0, 1], 2**63]]), ValueError),
-    ("notice not a list", p.Notices, (0, [7]), TypeError),
+    ("notices too many", p.Notices, (0, [0, 1, 0, 1, 1] * (MAX_BATCH + 1)), ValueError),
+    ("notices not a list", p.Notices, (0, 5), TypeError),
+    ("notices a partial notice", p.Notices, (0, [0, 1, 0, 1]), ValueError),
+    ("notices nested", p.Notices, (0, [[0, [1, 0, 1], 1]]), ValueError),
+    ("notice kind 2", p.Notices, (0, [2, 1, 0, 1, 1]), ValueError),
+    ("notice kind bool", p.Notices, (0, [True, 1, 0, 1, 1]), TypeError),
+    ("notice kind negative", p.Notices, (0, [-1, 1, 0, 1, 1]), ValueError),
+    ("notice slot str", p.Notices, (0, [0, 1, "0", 1, 1]), TypeError),
+    ("notice slot float", p.Notices, (0, [0, 1, 0, 1.0, 1]), TypeError),
+    ("notice token negative", p.Notices, (0, [0, 1, 0, 1, -1]), ValueError),
+    ("notice token too big", p.Notices, (0, [1, 1, 0, 1, 2**63]), ValueError),
+    ("notice list in it", p.Notices, (0, [0, 1, 0, 1, [7]]), TypeError),
     ("grant no slots", Grant, (0, 4096, []), ValueError),
     ("grant too many slots", Grant, (0, 4096, [_SLOT] * (MAX_BATCH + 1)), ValueError),
     ("grant slot_size zero", Grant, (0, 0, [_SLOT]), ValueError),
@@ -622,6 +622,13 @@ def test_decode_refuses_zero_length_bin_and_ext(data: bytes) -> None:
 
 
 # ------------------------------------------------------------------ tokens
+
+
+def test_notices_read_back_as_notice_objects() -> None:
+    notices = [p.Notice(p.NOTICE_DETACHED, 1, 2, 3, 44), p.Notice(p.NOTICE_CLAIMED, 1, 2, 4, 44)]
+    msg = decode(encode(p.Notices.of(9, notices)))
+    assert isinstance(msg, p.Notices) and msg.items == tuple(notices)
+    assert msg.items[1].slot == SlotRef(1, 2, 4)
 
 
 def test_ticket_tokens_differ_per_key_slot_and_generation() -> None:
