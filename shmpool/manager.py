@@ -475,8 +475,7 @@ class Manager:
 
     def _grant(self, peer: _Peer, msg: p.Acquire) -> None:
         g = self.arena.acquire(peer.id, msg.size, msg.count)
-        reply = p.Grant(msg.req, g.slot_size, tuple(g.slots), tuple(g.segments))
-        self._send(peer, p.encode(reply), g.fds)
+        self._send(peer, p.encode_grant(msg.req, g.slot_size, g.slots, g.segments), g.fds)
 
     # -------------------------------------------------- waiting for memory
 
@@ -564,8 +563,7 @@ class Manager:
     def _attach(self, peer: _Peer, msg: p.Attach) -> None:
         deadline = time.monotonic() + self.transit_timeout
         g = self.arena.attach(peer.id, msg.slot, msg.token, deadline)
-        reply = p.Grant(msg.req, g.slot_size, tuple(g.slots), tuple(g.segments))
-        self._send(peer, p.encode(reply), g.fds)
+        self._send(peer, p.encode_grant(msg.req, g.slot_size, g.slots, g.segments), g.fds)
 
     def _pause(self, peer: _Peer) -> None:
         """Stop reading from ``peer`` (its next messages may name the claimed slot)."""

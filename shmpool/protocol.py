@@ -655,6 +655,16 @@ def encode_return(req: int, slots: list[SlotRef], hits: int) -> bytes:
     return _pack([Return.TYPE, req, slots, hits])  # type: ignore[no-any-return]
 
 
+def encode_grant(
+    req: int, slot_size: int, slots: list[SlotRef], segments: list[SegmentInfo]
+) -> bytes:
+    """``encode(Grant(...))`` without building the object: the manager's hot reply.
+
+    The arena made every field; the client checks what it decodes.
+    """
+    return _pack([Grant.TYPE, req, slot_size, slots, segments])  # type: ignore[no-any-return]
+
+
 def encode_notices(req: int, flat: list[int]) -> bytes:
     """``encode(Notices(req, flat))`` without building the object (see ``encode_acquire``)."""
     return _pack([Notices.TYPE, req, flat])  # type: ignore[no-any-return]

@@ -652,3 +652,19 @@ def test_ticket_tokens_are_nonzero_63_bit_ints(seed: int) -> None:
             key, rng.randrange(MAX_ID), rng.randrange(MAX_ID), rng.randrange(MAX_ID)
         )
         assert 1 <= token <= MAX_ID and token & 1  # never 0 ("no handoff"), never CLAIMED's bit
+
+
+def test_raw_encoders_match_the_checked_ones() -> None:
+    """The hot paths skip building messages; what they send must decode the same."""
+    slots = [SlotRef(1, i, 7) for i in range(3)]
+    segs = [SegmentInfo(1, 4 << 20, 4096, 8192)]
+    flat = [p.NOTICE_DETACHED, 1, 2, 3, 99, p.NOTICE_CLAIMED, 1, 2, 4, 99]
+    pairs = [
+        (p.encode_acquire(5, 4096, 8, 3), Acquire(5, 4096, 8, 3)),
+        (p.encode_return(6, slots, 4), Return(6, slots, 4)),
+        (p.encode_grant(7, 4096, slots, segs), Grant(7, 4096, slots, segs)),
+        (p.encode_notices(8, flat), p.Notices(8, flat)),
+    ]
+    for raw, message in pairs:
+        assert raw == encode(message)
+        assert decode(raw) == message
