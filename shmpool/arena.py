@@ -49,7 +49,7 @@ DEFAULT_SEGMENT_BYTES = 4 << 20
 TRANSIT = -1
 #: The holder of a slot shared read-only by several clients.
 SHARED = -2
-#: How much longer a late slot waits for a live claimer's Claimed notice.
+#: How much longer a late slot waits for a live claimer's notice.
 CLAIM_GRACE = 1.0
 #: Oversize segments are rounded up to whole pages, not to a power of two.
 PAGE = 4096
@@ -371,7 +371,7 @@ class Arena:
             if claimer is None:
                 return False  # claimed by a client that is gone too
             seg.holders[index] = claimer.id
-            seg.generations[index] += 1  # as the Detach would have
+            seg.generations[index] += 1  # as the sender's notice would have
             c.held.discard(key)
             claimer.held.add(key)
             claimer.known.add(seg.id)
@@ -423,12 +423,12 @@ class Arena:
     def awaits_detach(self, ref: SlotRef) -> bool:
         """True if ``ref`` names a slot some messages not read yet may bring to ``ref``.
 
-        A handle travels beside the sender's Detach, on another socket, so an
-        Attach or a Claimed may reach the manager first; it should wait. The
-        slot may be further behind than one Detach: handed A to B to C by
-        tickets, C's Claimed may come while B's Claimed and Detach are still
-        unread. So any slot that is leased or in transit at an older
-        generation may yet match.
+        A handle travels beside the sender's notice, on another socket, so an
+        Attach or a claim may reach the manager first. The slot may be
+        further behind than one handoff: handed A to B to C by tickets, C's
+        claim may come while B's notices are still unread; it should wait. So
+        any slot that is leased or in transit at an older generation may yet
+        match.
         """
         seg = self._segments.get(ref.segment)
         if seg is None or not 0 <= ref.index < seg.nslots:
@@ -463,7 +463,7 @@ class Arena:
         value = self._ticket_load(seg, index)
         if value & CLAIMED and claimer_of(value) in self._conns:
             self._transit[(seg.id, index)] = (token, now + CLAIM_GRACE)
-            return False  # claimed: its Claimed is queued on that connection
+            return False  # claimed: its notice is on its way from that connection
         return True  # claimed by a client that died before saying so: free it
 
     def next_deadline(self) -> float | None:

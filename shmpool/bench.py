@@ -201,10 +201,12 @@ def _handoff_consumer(address: str, kind: str, conn: Any, queue: Any) -> None:
             elif kind == "pipe":
                 msg = conn.recv_bytes()
             else:
-                msg = conn.recv()  # a Lease: unpickling attaches it here
+                msg = conn.recv()  # a Lease (unpickling attaches it here), or the bare fields
             if msg is None or msg == b"":
                 return
-            if kind == "shmpool":
+            if kind == "handle":
+                pass  # the bare message: nothing to read behind it
+            elif kind == "shmpool":
                 view = msg.view
                 view[0] + view[-1]
                 msg.release()
@@ -350,6 +352,9 @@ class _Handoff:
 
         if self.kind == "shmpool":
             return _windowed(send_lease, conn)
+        if self.kind == "handle":
+            fields = tuple(range(1, 9))  # what a pickled Lease carries, without the attach
+            return _windowed(lambda: conn.send(fields), conn)
         if self.kind == "queue":
             assert queue is not None
             return _windowed(lambda: queue.put(payload), conn)
@@ -370,29 +375,38 @@ class _Handoff:
 # -------------------------------------------------------------- the runner
 
 
-def _calibrate(loop: Loop, target_ns: int) -> int:
-    """Iterations that make one trial last about ``target_ns``.
+def _calibrate(loop: Loop, target_ns: int, min_iters: int = 1) -> int:
+    """Iterations that make one trial last about ``target_ns`` (at least ``min_iters``).
 
-    The case is measured in its steady state: a first call warms it up
-    (first-time mappings), and once the count is known one more full-length
-    call lets caches and size classes grow to what the case needs, so that
-    no trial pays for segments being made.
+    The case is measured in its steady state. A first call of ``min_iters``
+    warms it up (first-time mappings); then the count grows until a call
+    lasts a quarter of the target. A case whose first calls are slow (a
+    16 MiB handoff makes its segments, and fills caches, over its first
+    hundred messages) would be timed by its warm-up alone, so the count is
+    taken again from a full-length call, which also lets caches and size
+    classes grow to what the case needs: no trial pays for segments being
+    made.
     """
-    loop(1)
-    iters = 1
+    loop(min_iters)
+    iters = min_iters
     while True:
         elapsed = max(1, loop(iters))
         if elapsed >= target_ns // 4 or iters >= 1 << 22:
-            iters = max(1, min(1 << 22, iters * target_ns // elapsed))
-            loop(iters)
-            return iters
+            break
         iters *= 4
+    for _ in range(2):
+        iters = max(min_iters, min(1 << 22, iters * target_ns // elapsed))
+        elapsed = max(1, loop(iters))
+    return iters
 
 
 def _measure(
-    cases: dict[tuple[str, int], Loop], trials: int, target_ns: int
+    cases: dict[tuple[str, int], Loop],
+    trials: int,
+    target_ns: int,
+    min_iters: Callable[[str], int] = lambda case: 1,
 ) -> dict[Any, list[float]]:
-    iters = {key: _calibrate(loop, target_ns) for key, loop in cases.items()}
+    iters = {key: _calibrate(loop, target_ns, min_iters(key[0])) for key, loop in cases.items()}
     samples: dict[Any, list[float]] = {key: [] for key in cases}
     order = list(cases)
     rng = random.Random(1)
@@ -471,15 +485,22 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
                     ("shared_memory_manager.create", n): _case_smm(n),
                 })  # fmt: skip
             handoffs: list[Any] = [
-                _Handoff(manager.address, kind) for kind in ("shmpool", "queue", "pipe")
+                _Handoff(manager.address, kind) for kind in ("shmpool", "queue", "pipe", "handle")
             ]
             if _iceoryx2_available():
                 handoffs.append(_IoxHandoff())
             try:
                 for h in handoffs:
+                    if h.kind == "handle":  # the size does not matter: measured once
+                        cases[("floor.pipe_message", 0)] = h.loop(hot, 0)
+                        continue
                     for n in HANDOFF_SIZES:
                         cases[(f"handoff.{h.kind}", n)] = h.loop(hot, n)
-                samples = _measure(cases, trials, target_ns)
+                # A handoff trial must keep the window full: one message alone
+                # measures a round trip's latency, not the stream's rate.
+                samples = _measure(
+                    cases, trials, target_ns, lambda case: 8 * WINDOW if "handoff" in case else 1
+                )
             finally:
                 for h in handoffs:
                     h.close()
@@ -527,6 +548,14 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
         }
         ratios[f"handoff.pipe/handoff.shmpool (messages/s)@{format_size(n)}"] = {
             "value": med[("handoff.pipe", n)] / med[("handoff.shmpool", n)],
+            "want": "",
+        }
+        ratios[f"handoff.shmpool/floor.pipe_message (time)@{format_size(n)}"] = {
+            "value": med[("handoff.shmpool", n)] / med[("floor.pipe_message", 0)],
+            "want": "",
+        }
+        ratios[f"handoff.queue/floor.pipe_message (messages/s)@{format_size(n)}"] = {
+            "value": med[("handoff.queue", n)] / med[("floor.pipe_message", 0)],
             "want": "",
         }
         if ("handoff.iceoryx2", n) in med:

@@ -54,7 +54,7 @@ MAX_LISTED_CLIENTS = 1000
 #: Refused peers linger this long (or until they speak) to read why.
 REFUSE_LINGER = 1.0
 MAX_REFUSED = 64
-#: How long an Attach that overtook its Detach waits for it.
+#: How long an Attach that overtook the notices it depends on waits for them.
 ATTACH_WAIT = 1.0
 #: Connection ids run 1..MAX_CLIENT_ID, then start again (skipping live ones).
 MAX_CLIENT_ID = 0xFFFF_FFFF
@@ -71,7 +71,7 @@ class _Peer:
         self.name = ""
         self.welcomed = False
         self.parked = False  # an Acquire of this peer waits for recalled slots
-        self.paused = False  # not read from: a Claimed of it waits for its Detach
+        self.paused = False  # not read from: a notice of it waits for other clients' notices
         self.outq: deque[tuple[bytes, Sequence[int]]] = deque()
 
 
@@ -460,7 +460,7 @@ class Manager:
             except StaleHandleError:
                 if not arena.awaits_detach(msg.slot):
                     raise
-                peer.parked = True  # its Detach is still on the way: wait for it
+                peer.parked = True  # the sender's notice is still on the way: wait for it
                 self._attaching.append((peer, msg, time.monotonic() + ATTACH_WAIT))
         elif isinstance(msg, p.Stats):
             arena.note_message(peer.id)
@@ -605,7 +605,7 @@ class Manager:
                     self._drop(peer, "bogus claim")
 
     def _serve_attaching(self) -> None:
-        """Retry Attaches that arrived before their Detach; refuse the hopeless."""
+        """Retry Attaches that arrived before their sender's notice; refuse the hopeless."""
         if self._claiming:
             self._serve_claiming()
         now = time.monotonic()

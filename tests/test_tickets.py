@@ -304,3 +304,41 @@ def test_a_slot_handed_to_ourselves_again_and_again(mgr: shmpool.ManagerProcess)
             lease.release()
         stats = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s)
         assert_balanced(stats)
+
+
+def _detach_and_die(address: str, w: int) -> None:
+    """A sender whose DETACHED notice is still queued when it dies."""
+    try:
+        pool = shmpool.connect(address, name="sender")
+        lease = pool.acquire(SIZE)
+        lease.view[:4] = b"gone"
+        handle = lease.detach()
+        assert pool._notices  # queued, not sent
+        os.write(w, ",".join(map(str, handle)).encode())
+    finally:
+        os._exit(0)  # no flush, no goodbye
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_that_dies_with_its_notice_queued(mgr: shmpool.ManagerProcess) -> None:
+    """The word holds the token, so the manager keeps the slot for the handle."""
+    with mgr.connect(name="receiver") as pool:
+        pool.acquire(SIZE).release()  # maps the segment the sender's slot will be in
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            _detach_and_die(mgr.address, w)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            fields = f.read()
+        os.waitpid(pid, 0)
+        handle = shmpool.Handle(*map(int, fields.split(b",")))
+        lease = pool.attach(handle)
+        assert bytes(lease.view[:4]) == b"gone"
+        with pytest.raises(shmpool.StaleHandleError):
+            pool.attach(handle)
+        lease.release()
+        stats = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s)
+        assert_balanced(stats)
+        assert not [c for c in stats["clients"] if c["name"] == "sender"]
