@@ -78,12 +78,51 @@ _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 _speedups: Any = vars(_buffer)["_speedups"]
 
 
+#: Pools whose janitor ``_before_fork`` stopped, to restart in the parent.
+_paused: list[Pool] = []
+
+
+def _before_fork() -> None:
+    """Stop the janitor threads, so that the fork copies a process of one thread.
+
+    A fork copies only the forking thread; a lock another thread held stays
+    held forever in the child, which is why Python 3.12+ warns about forking
+    a process with threads. Janitors hold no lock between ticks, and a tick
+    is short, so each is asked to end and joined (for a second at most). The
+    parent restarts them right after the fork; the child starts its own when
+    it first needs one.
+    """
+    stopped = []
+    for pool in list(_POOLS):
+        janitor = pool._janitor
+        if janitor is not None and janitor.is_alive() and pool._pid == os.getpid():
+            pool._janitor = None  # the thread sees this and ends
+            janitor.wake()
+            stopped.append((pool, janitor))
+    for pool, janitor in stopped:
+        janitor.join(1.0)
+        _paused.append(pool)
+
+
+def _after_fork_in_parent() -> None:
+    pools = list(_paused)
+    _paused.clear()
+    for pool in pools:
+        if pool._live() and pool._janitor is None:
+            pool._ensure_janitor()
+
+
 def _after_fork_in_child() -> None:
+    _paused.clear()  # the parent restarts its own janitors
     for pool in list(_POOLS):
         pool._forget_parent()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 class _Segment:
