@@ -15,6 +15,12 @@ import pytest
 
 import shmpool
 
+# numpy's BLAS starts a pool of OS threads when imported, and tests fork this
+# process: keep it one thread, so that a fork here is as safe as shmpool makes
+# it (Python 3.12+ warns about forking with threads, counting OS threads).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "shmpool."
 START_METHODS = ("fork", "spawn", "forkserver")

@@ -15,7 +15,12 @@ NOBODY = 65534
 
 
 def _connect_as(uid: int, address: str) -> str:
-    """Fork, drop to ``uid``, try to connect; return what happened as a word."""
+    """Fork, drop to ``uid``, try to connect; return what happened as a word.
+
+    Some callers run a manager in a thread of this process meanwhile; the
+    child only switches uid, connects and exits, taking no lock that thread
+    may hold.
+    """
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -43,6 +48,10 @@ def _connect_as(uid: int, address: str) -> str:
 
 
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="switching uid needs root")
+#: The manager serves in a thread of this process while _connect_as forks.
+forks_beside_a_thread = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
 
 
 def test_default_socket_is_private(manager: shmpool.ManagerProcess) -> None:
@@ -59,6 +68,7 @@ def test_other_user_cannot_reach_a_private_socket(manager: shmpool.ManagerProces
 
 
 @needs_root
+@forks_beside_a_thread
 def test_uid_not_allowed_gets_access_denied() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o755)
@@ -73,6 +83,7 @@ def test_uid_not_allowed_gets_access_denied() -> None:
 
 
 @needs_root
+@forks_beside_a_thread
 def test_allowed_uid_connects() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o755)
