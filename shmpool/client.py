@@ -92,16 +92,16 @@ def _before_fork() -> None:
     parent restarts them right after the fork; the child starts its own when
     it first needs one.
     """
-    stopped = []
-    for pool in list(_POOLS):
-        janitor = pool._janitor
-        if janitor is not None and janitor.is_alive() and pool._pid == os.getpid():
+    pid = os.getpid()
+    janitors = [t for t in threading.enumerate() if isinstance(t, Janitor) and t._pid == pid]
+    for janitor in janitors:  # those of closed pools too, which may not have ended yet
+        pool = janitor._pool()
+        if pool is not None and pool._janitor is janitor:
             pool._janitor = None  # the thread sees this and ends
-            janitor.wake()
-            stopped.append((pool, janitor))
-    for pool, janitor in stopped:
+            _paused.append(pool)
+        janitor.wake()
+    for janitor in janitors:
         janitor.join(1.0)
-        _paused.append(pool)
 
 
 def _after_fork_in_parent() -> None:
@@ -519,13 +519,14 @@ class Pool:
         holding both, nothing would tell the manager who had the slot in
         between).
         """
-        self._notices += (kind, *ref, token)
-        if kind == p.NOTICE_CLAIMED:
-            self._claims.add((ref.segment, ref.index))
-        elif urgent or (ref.segment, ref.index) in self._claims:
+        notices = self._notices
+        notices += (kind, *ref, token)
+        if kind:  # NOTICE_CLAIMED
+            self._claims.add(ref[:2])
+        elif urgent or ref[:2] in self._claims:
             self._flush_notices()
             return
-        queued = len(self._notices)
+        queued = len(notices)
         if queued == p.NOTICE_WORDS:
             self._ensure_janitor()  # it sends them within JANITOR_PERIOD
         elif queued >= NOTICE_BATCH * p.NOTICE_WORDS:
@@ -667,14 +668,21 @@ class Pool:
                 or (home.pool is self and self._caches[home.cls] is home)  # not an orphan
             ):
                 raise UsageError("this lease belongs to another process (or connection)")
-            self._ensure_connection()
+            if self._sock is None or self._broken is not None:
+                self._ensure_connection()
             view = lease._view
             if view is None:
                 raise LeaseClosedError("this lease was released or detached already")
             length = len(view)
             ref = slot.ref
-            token = self._token(ref.segment, ref.index, ref.generation + 1)
-            published = self._publish_ticket(ref, token)  # may raise: the lease stays ours
+            segment, index, generation = ref
+            token = self._token(segment, index, generation + 1)
+            seg = self._segments.get(segment)
+            tickets = seg.tickets if seg is not None and self._tickets_on else None
+            # the word of a slot we hold is 0, or our own claim not cleared yet
+            published = (tickets is not None and _speedups.cas64(tickets, 8 * index, 0, token)) or (
+                self._publish_ticket(ref, token)  # may raise: the lease stays ours
+            )
             lease._disown()
             if readers:
                 self._send(p.encode(p.Share(self._next_req(), ref, token, readers)))
@@ -727,13 +735,14 @@ class Pool:
         if 8 * index + 8 > seg.header or offset + size > len(seg.view):
             raise StaleHandleError("this handle is forged: its slot lies outside its segment")
         with self._lock:
-            self._ensure_connection()  # our own connection (after a fork: a new one) first
+            if self._sock is None or self._pid != os.getpid() or self._closed or self._broken:
+                self._ensure_connection()  # our own connection (after a fork: a new one) first
             claimed = p.claim_word(self.client_id, generation)
             if not _speedups.cas64(seg.tickets, 8 * index, token, claimed):
                 if _speedups.load64(seg.tickets, 8 * index) == 0:
                     return None  # not published (yet): let the manager decide
                 raise StaleHandleError("this handle is stale: attached already, expired, or forged")
-            ref = p.SlotRef(segment, index, generation)
+            ref = _new_ref(p.SlotRef, (segment, index, generation))
             self._note(p.NOTICE_CLAIMED, ref, token)
             home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
         slot = _Slot(ref, seg.view[offset : offset + size], home)
@@ -845,6 +854,9 @@ class Pool:
 
 
 _ANCBUF = socket.CMSG_SPACE(p.MAX_FDS * 4)
+
+
+_new_ref = tuple.__new__  # SlotRef from checked ints, without the NamedTuple's Python __new__
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
