@@ -1,10 +1,14 @@
 """Handles: a leased slot on its way from one process to another.
 
-Ownership moves in two steps. ``lease.detach()`` tells the manager (one
-message, no reply) that the slot is *in transit* under a fresh random token,
-and returns a ``Handle`` naming the slot, its next generation and that token.
-``pool.attach(handle)`` in any process connected to the same manager asks
-the manager to lease the slot to that process; it succeeds once. A handle
+Ownership moves in two steps. ``lease.detach()`` puts the slot *in transit*
+under a token (a keyed hash of the slot and its next generation, which only
+this connection and the manager can compute), writes the token in the slot's
+ticket word, queues a notice for the manager (sent in a batch, see
+``Pool._note``), and returns a ``Handle`` naming the slot, its next
+generation and that token. ``pool.attach(handle)`` in any process connected
+to the same manager takes the slot for that process, by swapping the ticket
+word when it has the segment mapped, else by asking the manager; it succeeds
+once. A handle
 that is attached twice, arrives after the transit timeout, carries a forged
 token or generation, or comes from another manager is refused with
 ``StaleHandleError`` before any memory is mapped. A handle nobody attaches
