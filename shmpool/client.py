@@ -83,14 +83,17 @@ _paused: list[Pool] = []
 
 
 def _before_fork() -> None:
-    """Stop the janitor threads, so that the fork copies a process of one thread.
+    """Stop the janitor threads, so that none is in the middle of a tick at the fork.
 
-    A fork copies only the forking thread; a lock another thread held stays
-    held forever in the child, which is why Python 3.12+ warns about forking
-    a process with threads. Janitors hold no lock between ticks, and a tick
-    is short, so each is asked to end and joined (for a second at most). The
-    parent restarts them right after the fork; the child starts its own when
-    it first needs one.
+    A fork copies only the forking thread; whatever another thread held at
+    that moment (a lock, a half-done send on the pool's socket) stays so in
+    the child. Janitors hold nothing between ticks, and a tick is short, so
+    each is asked to end and joined (for a second at most). The parent
+    restarts them right after the fork, because an idle pool needs its
+    janitor to answer recalls and return its cache; the child starts its own
+    when it first needs one. (Python 3.12+ still warns about the fork: it
+    counts threads after the parent's at-fork callbacks, when the new janitor
+    is already running.)
     """
     pid = os.getpid()
     janitors = [t for t in threading.enumerate() if isinstance(t, Janitor) and t._pid == pid]

@@ -7,6 +7,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -108,6 +109,13 @@ def _no_leaks() -> Iterator[None]:
         leaked = open_fds() - fds_before
         details = {fd: _fd_target(fd) for fd in leaked}
         pytest.fail(f"the test left file descriptors open: {details}")
+    # The feeder threads of the test's multiprocessing queues end once those
+    # are collected; let them, so that the next test forks a one-thread process.
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and any(
+        t.name == "QueueFeederThread" for t in threading.enumerate()
+    ):
+        time.sleep(0.01)
 
 
 def _fd_target(fd: int) -> str:
