@@ -484,9 +484,6 @@ class Arena:
         if cache_hits is not None:
             c.cache_hits = cache_hits
 
-    def held_by(self, conn: int) -> int:
-        return len(self._conns[conn].held)
-
     def class_size(self, size: int) -> int | None:
         """The slot size a request of ``size`` bytes gets; ``None`` if oversize."""
         index = self.classes.index_of(size)
@@ -506,6 +503,24 @@ class Arena:
             if n:
                 counts[c.id] = n
         return counts
+
+    def held_by(self, conn: int, slot_size: int | None = None) -> int:
+        """How many slots ``conn`` holds (of one class if ``slot_size``); 0 if unknown."""
+        c = self._conns.get(conn)
+        if c is None:
+            return 0
+        if slot_size is None:
+            return len(c.held)
+        segments = self._segments
+        return sum(
+            1
+            for seg_id, _ in c.held
+            if segments[seg_id].cls is not None and segments[seg_id].slot_size == slot_size
+        )
+
+    def transit_count(self, slot_size: int) -> int:
+        """Slots of one class in transit (detached, not attached yet)."""
+        return self._classes[self._index(slot_size)].in_transit
 
     def _index(self, slot_size: int) -> int:
         index = self.classes.index_of(slot_size)

@@ -403,6 +403,8 @@ class Pool:
             caches[index].high = 2 * self._batch[index]
             if self._return(caches[index], 0):
                 log.debug("returned idle %d-byte slots on recall", msg.slot_size)
+        if self._notices and self._live():
+            self._flush_notices()  # the manager's books catch up: it may recall elsewhere
 
     def _return_idle(self) -> int:
         """Give back every cached slot (lock held): the process sits idle."""

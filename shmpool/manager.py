@@ -76,13 +76,16 @@ class _Peer:
 
 
 class _Waiter:
-    __slots__ = ("deadline", "msg", "peer", "slot_size")
+    __slots__ = ("deadline", "msg", "peer", "recalled", "slot_size")
 
-    def __init__(self, peer: _Peer, msg: p.Acquire, slot_size: int, deadline: float) -> None:
+    def __init__(
+        self, peer: _Peer, msg: p.Acquire, slot_size: int, deadline: float, recalled: set[int]
+    ) -> None:
         self.peer = peer
         self.msg = msg
         self.slot_size = slot_size
         self.deadline = deadline
+        self.recalled = recalled  # connections asked to return slots for it
 
 
 class Manager:
@@ -439,6 +442,8 @@ class Manager:
         elif isinstance(msg, p.Notices):
             arena.note_message(peer.id)
             rest = self._apply_notices(peer, msg.flat)
+            if self._waiting:
+                self._recall_late(peer)
             if rest:
                 self._pause(peer)  # its later messages may depend on the notice that waits
                 self._claiming.append((peer, rest, time.monotonic() + self.transit_timeout))
@@ -486,18 +491,31 @@ class Manager:
             return False
         holders = self.arena.holders(slot_size)
         holders.pop(peer.id, None)
-        if not holders:
+        # Slots in transit may already sit in a receiver's cache, its claim
+        # notices still queued: when they arrive, it is recalled too.
+        if not holders and not self.arena.transit_count(slot_size):
             return False
         recall = p.encode(p.Recall(0, slot_size, msg.count))
         for conn in holders:
             self._send(self._peers[conn], recall)
         peer.parked = True
         deadline = time.monotonic() + self.acquire_wait
-        self._waiting.append(_Waiter(peer, msg, slot_size, deadline))
+        self._waiting.append(_Waiter(peer, msg, slot_size, deadline, set(holders)))
         log.debug(
             "client %d waits for %d-byte slots; recalled from %s", peer.id, slot_size, list(holders)
         )
         return True
+
+    def _recall_late(self, peer: _Peer) -> None:
+        """``peer``'s notices gave it slots that parked acquires wait for: recall them."""
+        for waiter in self._waiting:
+            if (
+                waiter.peer is not peer
+                and peer.id not in waiter.recalled
+                and self.arena.held_by(peer.id, waiter.slot_size)
+            ):
+                waiter.recalled.add(peer.id)
+                self._send(peer, p.encode(p.Recall(0, waiter.slot_size, waiter.msg.count)))
 
     def _serve_waiting(self) -> None:
         """Slots came back: grant parked acquires in arrival order."""

@@ -342,3 +342,30 @@ def test_a_sender_that_dies_with_its_notice_queued(mgr: shmpool.ManagerProcess) 
         stats = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s)
         assert_balanced(stats)
         assert not [c for c in stats["clients"] if c["name"] == "sender"]
+
+
+@pytest.mark.timeout(60)
+def test_slots_claimed_but_not_yet_told_are_recalled_for_a_short_acquire() -> None:
+    """The budget is 4 slots, all in B's cache by claims B has not told the manager of.
+
+    A's next acquire finds no free slot and no holder in the books, only slots
+    in transit; it waits, B's notices arrive, B is recalled, and A gets a slot.
+    """
+    mib = 1 << 20
+    with (
+        shmpool.start(min_size="1MiB", max_size="1MiB", memory="4MiB", acquire_wait=10) as m,
+        shmpool.Pool(m.address, name="A", idle_timeout=None) as a,
+        shmpool.Pool(m.address, name="B", idle_timeout=None) as b,
+    ):
+        b.attach(a.acquire(mib).detach()).release()  # B maps the segment
+        b.trim()  # and gives that slot back
+        leases = [a.acquire(mib) for _ in range(4)]  # the whole budget
+        for lease in leases:
+            b.attach(lease.detach()).release()  # claimed by ticket word, into B's cache
+        got = a.acquire(mib)  # sends A's notices; the books show only slots in transit
+        got.view[:2] = b"ok"
+        assert bytes(got.view[:2]) == b"ok"
+        got.release()
+        stats = a.stats()
+        assert_balanced(stats)
+        assert stats["classes"][0]["total"] == 4  # no memory beyond the budget
