@@ -670,8 +670,8 @@ class Pool:
                 raise UsageError("a reader's lease of a shared slot cannot be detached or shared")
             if self._pid != os.getpid() or not (
                 home is self._oversize_home
-                or (home.pool is self and self._caches[home.cls] is home)  # not an orphan
-            ):
+                or (type(home) is _Cache and home.pool is self and self._caches[home.cls] is home)
+            ):  # else an orphan: its pool was reset (a fork, a lost connection) since
                 raise UsageError("this lease belongs to another process (or connection)")
             if self._sock is None or self._broken is not None:
                 self._ensure_connection()

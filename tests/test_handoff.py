@@ -865,3 +865,32 @@ def test_receiver_killed_after_attach(manager: shmpool.ManagerProcess, mp_contex
     finally:
         _reap(proc)
         parent_end.close()
+
+
+@pytest.mark.timeout(MP_TIMEOUT)
+@pytest.mark.parametrize("size", [5000, 3 * MiB + 5], ids=["class", "oversize"])
+def test_an_inherited_lease_cannot_be_detached_in_the_child(
+    manager_1m: shmpool.ManagerProcess, size: int
+) -> None:
+    """A forked child holds a copy of the parent's Lease, not the slot: it may not hand it on."""
+    with manager_1m.connect() as pool:
+        lease = pool.acquire(size)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            outcome = b"detached"
+            try:
+                lease.detach()
+            except shmpool.UsageError:
+                outcome = b"refused"
+            except BaseException as exc:  # reported to the parent
+                outcome = type(exc).__name__.encode()
+            os.write(w, outcome)
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            outcome = f.read()
+        os.waitpid(pid, 0)
+        assert outcome == b"refused"
+        pool.attach(lease.detach()).release()  # still the parent's to hand on
+        assert_balanced(pool.stats())
