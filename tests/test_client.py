@@ -512,9 +512,12 @@ def test_protocol_round_trip_sanity() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_fork_stops_the_janitor_and_the_parent_gets_a_new_one(manager: Any) -> None:
+def test_fork_stops_the_janitor_and_the_parent_gets_a_new_one(
+    manager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No janitor is mid-tick when the process is copied; the parent's pool keeps working."""
-    with manager.connect() as pool:
+    monkeypatch.setattr(shmpool.janitor, "JANITOR_PERIOD", 3600.0)  # it sends no notice here
+    with shmpool.Pool(manager.address, idle_timeout=None) as pool:
         pool.acquire(5000).release()  # starts the pool's janitor thread
         handle = pool.acquire(5000).detach()  # a notice waits in the queue
         before = pool._janitor
