@@ -219,6 +219,28 @@ class Arena:
         self._put_in_transit(seg, index, c, token, deadline)
         return SlotRef(seg.id, index, seg.generations[index])
 
+    def _matching_transit(
+        self, seg: Segment | None, ref: SlotRef, token: int, deadline: float
+    ) -> tuple[int, float] | None:
+        """The transit entry of ``ref`` if ``ref`` and ``token`` match it, else None.
+
+        A slot still leased to its sender is first handed on if ``token``
+        proves the sender let go of it (``_handed_on``); ``deadline`` is then
+        its transit deadline.
+        """
+        if seg is None or not 0 <= ref.index < seg.nslots:
+            return None
+        entry = self._transit.get((ref.segment, ref.index))
+        if entry is None and self._handed_on(seg, ref, token, deadline):
+            entry = self._transit[(ref.segment, ref.index)]
+        if (
+            entry is None
+            or seg.generations[ref.index] != ref.generation
+            or not hmac.compare_digest(_token_bytes(entry[0]), _token_bytes(token))
+        ):
+            return None
+        return entry
+
     def _handed_on(self, seg: Segment, ref: SlotRef, token: int, deadline: float) -> bool:
         """Apply a handoff whose sender's notice has not come yet, if ``token`` proves it.
 
@@ -318,23 +340,11 @@ class Arena:
         """
         c = self._conns[conn]
         key = (ref.segment, ref.index)
-        entry = self._transit.get(key)
         seg = self._segments.get(ref.segment)
         if seg is not None and key in self._shares:
             return self._attach_shared(c, seg, ref, token)
-        if (
-            entry is None
-            and seg is not None
-            and 0 <= ref.index < seg.nslots
-            and self._handed_on(seg, ref, token, deadline)
-        ):
-            entry = self._transit[key]
-        if (
-            entry is None
-            or seg is None
-            or seg.generations[ref.index] != ref.generation
-            or not hmac.compare_digest(_token_bytes(entry[0]), _token_bytes(token))
-        ):
+        entry = self._matching_transit(seg, ref, token, deadline)
+        if seg is None or entry is None:
             raise StaleHandleError(
                 f"handle for slot {ref.segment}:{ref.index} is stale: it was attached "
                 "already, its transit time ran out, or it is forged"
@@ -395,19 +405,17 @@ class Arena:
         """
         c = self._conns[conn]
         key = (ref.segment, ref.index)
-        entry = self._transit.get(key)
         seg = self._segments.get(ref.segment)
-        if entry is None and seg is not None and 0 <= ref.index < seg.nslots:
-            if seg.holders[ref.index] == c.id and seg.generations[ref.index] == ref.generation:
-                return  # applied already, when the sender's connection was dropped
-            if self._handed_on(seg, ref, token, deadline):
-                entry = self._transit[key]
         if (
-            entry is None
-            or seg is None
-            or seg.generations[ref.index] != ref.generation
-            or not hmac.compare_digest(_token_bytes(entry[0]), _token_bytes(token))
+            key not in self._transit
+            and seg is not None
+            and 0 <= ref.index < seg.nslots
+            and seg.holders[ref.index] == c.id
+            and seg.generations[ref.index] == ref.generation
         ):
+            return  # applied already, when the sender's connection was dropped
+        entry = self._matching_transit(seg, ref, token, deadline)
+        if seg is None or entry is None:
             raise StaleHandleError(f"no slot {ref.segment}:{ref.index} in transit under that token")
         del self._transit[key]
         seg.holders[ref.index] = c.id

@@ -262,7 +262,7 @@ class Return(_SlotBatch):
 
 @dataclass(frozen=True, slots=True)
 class _SlotToken(_Message):
-    """Shared shape of the handoff messages: ``[type, req, slot, token]``."""
+    """Shared shape of Attach and Share: ``[type, req, slot, token, ...]``."""
 
     req: int
     slot: SlotRef
@@ -284,7 +284,7 @@ class _SlotToken(_Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Share(_Message):
+class Share(_SlotToken):
     """Publish a leased slot read-only to ``readers`` attaches; no reply.
 
     Like a handoff, the slot leaves this client (generation + 1); up to
@@ -293,19 +293,14 @@ class Share(_Message):
     """
 
     TYPE: ClassVar[int] = 8
-    req: int
-    slot: SlotRef
-    token: int
     readers: int
 
     def __post_init__(self) -> None:
-        _int(self.req, "req")
-        object.__setattr__(self, "slot", SlotRef.from_wire(list(self.slot)))
-        _int(self.token, "token")
+        _SlotToken.__post_init__(self)
         _int(self.readers, "readers", 1, MAX_READERS)
 
     def to_wire(self) -> list[Any]:
-        return [self.TYPE, self.req, list(self.slot), self.token, self.readers]
+        return [*_SlotToken.to_wire(self), self.readers]
 
     @classmethod
     def from_wire(cls, items: list[Any]) -> Any:
