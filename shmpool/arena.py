@@ -33,6 +33,8 @@ from .protocol import (
     CLAIMED,
     MAX_BATCH,
     MAX_FDS,
+    NOTICE_DETACHED,
+    NOTICE_WORDS,
     SegmentInfo,
     SlotRef,
     claim_word,
@@ -428,6 +430,73 @@ class Arena:
             # unless handed on again already (a later claim has another generation)
             self._ticket_cas(seg, ref.index, claim_word(c.id, ref.generation), 0)
 
+    def apply_notices(self, conn: int, flat: tuple[int, ...], deadline: float) -> int:
+        """Apply ``conn``'s handoff notices (``Notices.flat``) in order.
+
+        Returns the offset in ``flat`` of the first claim that does not
+        apply now (``len(flat)`` if every notice did): the caller asks
+        ``awaits_detach`` whether it may yet. The common notice, a class slot
+        detached by its holder or claimed from transit under the right
+        token, is applied here in a few steps; any other goes through
+        ``detach`` or ``claim``, which decide it in full.
+
+        Raises:
+            StaleHandleError: a DETACHED notice that ``detach`` refuses.
+        """
+        c = self._conns[conn]
+        cid = c.id
+        segments = self._segments
+        transit = self._transit
+        handed = c.handed
+        held = c.held
+        cas = self._tickets.cas64 if self._tickets is not None else None
+        for i in range(0, len(flat), NOTICE_WORDS):
+            kind, segment, index, generation, token = flat[i : i + NOTICE_WORDS]
+            key = (segment, index)
+            seg = segments.get(segment)
+            cls = seg.cls if seg is not None else None
+            if kind == NOTICE_DETACHED:
+                if (
+                    cls is not None
+                    and not handed
+                    and 0 <= index < len(seg.holders)  # type: ignore[union-attr]
+                    and seg.holders[index] == cid  # type: ignore[union-attr]
+                    and seg.generations[index] == generation  # type: ignore[union-attr]
+                ):  # _put_in_transit, for a class slot this client holds
+                    seg.holders[index] = TRANSIT  # type: ignore[union-attr]
+                    seg.generations[index] = generation + 1  # type: ignore[union-attr]
+                    held.discard(key)
+                    cls.leased -= 1
+                    cls.in_transit += 1
+                    transit[key] = (token, deadline)
+                    if cas is not None and seg.header:  # type: ignore[union-attr]
+                        cas(seg.backing.tickets, 8 * index, 0, token)  # type: ignore[union-attr]
+                else:
+                    self.detach(conn, SlotRef(segment, index, generation), token, deadline)
+                continue
+            entry = transit.get(key)
+            if (
+                entry is not None
+                and cls is not None
+                and seg.generations[index] == generation  # type: ignore[union-attr]
+                and not entry[0] ^ token  # every bit compared: no early exit to time
+            ):  # claim, for a class slot in transit under this token
+                del transit[key]
+                seg.holders[index] = cid  # type: ignore[union-attr]
+                held.add(key)
+                c.known.add(segment)
+                cls.in_transit -= 1
+                cls.leased += 1
+                if cas is not None and seg.header:  # type: ignore[union-attr]
+                    word = CLAIMED | (generation & 0x7FFF_FFFF) << 32 | cid
+                    cas(seg.backing.tickets, 8 * index, word, 0)  # type: ignore[union-attr]
+                continue
+            try:
+                self.claim(conn, SlotRef(segment, index, generation), token, deadline)
+            except StaleHandleError:
+                return i
+        return len(flat)
+
     def awaits_detach(self, ref: SlotRef) -> bool:
         """True if ``ref`` names a slot some messages not read yet may bring to ``ref``.
 
@@ -571,6 +640,8 @@ class Arena:
         """
         c = self._conns[conn]
         refs = list(refs)
+        if not self._shares and self._release_class_slots(c, refs):
+            return len(refs)
         shared = [ref for ref in refs if self._is_shared_by(c, ref)]
         checked = [self._check(c, ref) for ref in refs if ref not in shared]
         if len({(s.id, i) for s, i in checked}) != len(checked) or len(set(shared)) != len(shared):
@@ -585,6 +656,42 @@ class Arena:
                 del readers[c.id]
             self._settle_share(key)
         return len(refs)
+
+    def _release_class_slots(self, c: _Conn, refs: list[SlotRef]) -> bool:
+        """``release`` of class slots, all held by ``c``: the common case, in few steps.
+
+        Returns False, having changed nothing, if any reference is not that
+        (``release`` then checks each and raises).
+        """
+        segments = self._segments
+        cid = c.id
+        picked = []
+        for segment, index, generation in refs:
+            seg = segments.get(segment)
+            if (
+                seg is None
+                or seg.cls is None
+                or not 0 <= index < len(seg.holders)
+                or seg.holders[index] != cid
+                or seg.generations[index] != generation
+            ):
+                return False
+            picked.append((seg, index))
+        keys = {(seg.id, index) for seg, index in picked}
+        if len(keys) != len(picked):
+            return False
+        held = c.held
+        store = self._tickets.store64 if self._tickets is not None else None
+        for seg, index in picked:
+            seg.holders[index] = 0
+            seg.generations[index] += 1
+            if store is not None and seg.header:
+                store(seg.backing.tickets, 8 * index, 0)  # type: ignore[attr-defined]
+            cls = seg.cls
+            cls.leased -= 1  # type: ignore[union-attr]
+            cls.free.append((seg, index))  # type: ignore[union-attr]
+        held.difference_update(keys)
+        return True
 
     def _is_shared_by(self, c: _Conn, ref: SlotRef) -> bool:
         share = self._shares.get((ref.segment, ref.index))
@@ -679,17 +786,19 @@ class Arena:
         slots: list[SlotRef] = []
         segments: list[SegmentInfo] = []
         fds: list[int] = []
+        cid, held, known = c.id, c.held, c.known
         for seg, index in picked:
-            seg.holders[index] = c.id
-            seg.generations[index] += 1
-            c.held.add((seg.id, index))
+            seg.holders[index] = cid
+            generation = seg.generations[index] + 1
+            seg.generations[index] = generation
+            held.add((seg.id, index))
             if seg.cls is not None:
                 seg.cls.leased += 1
-            if seg.id not in c.known:
-                c.known.add(seg.id)
+            if seg.id not in known:
+                known.add(seg.id)
                 segments.append(seg.info())
                 fds.append(seg.backing.fd)
-            slots.append(SlotRef(seg.id, index, seg.generations[index]))
+            slots.append(_new_ref(SlotRef, (seg.id, index, generation)))
         return Grant(slot_size, slots, segments, fds)
 
     def _free(self, seg: Segment, index: int, c: _Conn | None) -> None:
@@ -759,6 +868,9 @@ class Arena:
                 for c in self._conns.values()
             ],
         }
+
+
+_new_ref = tuple.__new__  # a SlotRef from fields the arena made, without its Python __new__
 
 
 def _token_bytes(token: int) -> bytes:

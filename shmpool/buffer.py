@@ -208,7 +208,9 @@ class Lease(_LeaseBase):  # type: ignore[misc]
     def __reduce__(self) -> tuple[Any, tuple[int, ...]]:
         # Pickling hands the slot over: see shmpool.handle for when ownership moves.
         # The handle goes as plain ints: cheaper to pickle than the NamedTuple.
-        return (_unpickle, tuple(self.detach()))
+        if self._view is None:
+            raise LeaseClosedError("this lease was released or detached already")
+        return (_unpickle, self._slot.home.pool._hand_off(self))
 
     def __repr__(self) -> str:
         ref = self._slot.ref

@@ -58,6 +58,8 @@ from .segment import map_segment
 from .sharedbuffer import SharedBuffer
 from .sizeclass import check_request
 
+_getpid = os.getpid
+
 __all__ = ["Pool", "connect"]
 
 log = logging.getLogger("shmpool")
@@ -332,12 +334,14 @@ class Pool:
             raise self._gone(ProtocolError(f"expected a Grant, got {type(reply).__name__}"))
         self._map(reply.segments, fds)
         slots = []
+        size = reply.slot_size
+        segments = self._segments
         for ref in reply.slots:
-            seg = self._segments.get(ref.segment)
-            offset = (seg.header if seg is not None else 0) + ref.index * reply.slot_size
-            if seg is None or offset + reply.slot_size > len(seg.view):
+            seg = segments.get(ref.segment)
+            offset = (seg.header if seg is not None else 0) + ref.index * size
+            if seg is None or offset + size > len(seg.view):
                 raise self._gone(ProtocolError(f"granted slot {ref} lies outside its segment"))
-            slots.append(_Slot(ref, seg.view[offset : offset + reply.slot_size], home))
+            slots.append(_Slot(ref, seg.view[offset : offset + size], home))
         self.manager_acquires += len(slots)
         return slots
 
@@ -700,6 +704,41 @@ class Pool:
             length, slot.capacity, readers,
         )  # fmt: skip
 
+    def _hand_off(self, lease: Lease) -> tuple[int, ...]:
+        """``tuple(lease.detach())``, what pickling a Lease sends.
+
+        The common case (a slot of a class cache whose ticket word is 0) is
+        done here in a few steps; anything else goes through ``_detach``,
+        which checks each condition again and raises what applies.
+        """
+        slot = lease._slot
+        home = slot.home
+        segment, index, generation = ref = slot.ref
+        with self._lock:
+            if (
+                type(home) is _Cache
+                and home.pool is self
+                and self._tickets_on
+                and not self._closed
+                and self._broken is None
+                and self._sock is not None
+                and self._pid == _getpid()
+                and self._caches[home.cls] is home
+            ):
+                seg = self._segments.get(segment)
+                view = lease._view
+                if seg is not None and view is not None and seg.tickets is not None:
+                    token = self._token(segment, index, generation + 1)
+                    if _speedups.cas64(seg.tickets, 8 * index, 0, token):
+                        fields = (
+                            self.manager_instance, segment, index, generation + 1, token,
+                            len(view), slot.capacity, 0,
+                        )  # fmt: skip
+                        lease._disown()
+                        self._note(p.NOTICE_DETACHED, ref, token)
+                        return fields
+        return tuple(self._detach(lease))
+
     def _publish_ticket(self, ref: p.SlotRef, token: int) -> bool:
         """Put ``token`` in the slot's ticket word, so a receiver can claim it there.
 
@@ -752,6 +791,52 @@ class Pool:
             home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
         slot = _Slot(ref, seg.view[offset : offset + size], home)
         return make_lease(slot, min(length, size))
+
+    def _take(self, fields: tuple[int, ...]) -> Lease | None:
+        """Claim a pickled Lease's slot by its ticket word: ``_claim`` in fewer steps.
+
+        Only the common case (a class slot in a segment mapped here, the
+        word holding the handle's token) is taken here; None sends the
+        caller through ``attach``, which checks everything and raises what
+        applies.
+        """
+        if len(fields) != 8:
+            return None
+        _, segment, index, generation, token, length, capacity, readers = fields
+        seg = self._segments.get(segment)
+        if (
+            seg is None
+            or readers
+            or seg.tickets is None
+            or seg.slot_size != capacity
+            or not self._tickets_on
+            or type(index) is not int
+            or type(generation) is not int
+            or type(token) is not int
+            or type(length) is not int
+            or index < 0
+            or length < 0
+            or 8 * index + 8 > seg.header
+        ):
+            return None
+        offset = seg.header + index * capacity
+        if offset + capacity > len(seg.view):
+            return None
+        claimed = p.CLAIMED | (generation & 0x7FFF_FFFF) << 32 | self.client_id
+        with self._lock:
+            if (
+                self._closed
+                or self._broken is not None
+                or self._sock is None
+                or self._pid != _getpid()
+                or not _speedups.cas64(seg.tickets, 8 * index, token, claimed)
+            ):
+                return None
+            ref = _new_ref(p.SlotRef, (segment, index, generation))
+            self._note(p.NOTICE_CLAIMED, ref, token)
+            home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
+        slot = _Slot(ref, seg.view[offset : offset + capacity], home)
+        return make_lease(slot, min(length, capacity))
 
     def attach(self, handle: Handle) -> Lease:
         """Lease the slot behind ``handle`` (from ``Lease.detach()``) to this process.
@@ -922,6 +1007,11 @@ _last_pool: Callable[[], Pool | None] = _no_pool
 
 def _attach_anywhere(*fields: int) -> Lease:
     """Unpickle a Lease: attach its handle (given field by field) in a pool of this process."""
+    pool = _last_pool()
+    if pool is not None and pool.manager_instance == fields[0]:
+        lease = pool._take(fields)
+        if lease is not None:
+            return lease
     handle = Handle(*fields)
     return _pool_for(handle).attach(handle)
 

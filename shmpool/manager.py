@@ -560,23 +560,16 @@ class Manager:
         """
         arena = self.arena
         deadline = time.monotonic() + self.transit_timeout
-        words = p.NOTICE_WORDS
-        for i in range(0, len(flat), words):
-            kind, segment, index, generation, token = flat[i : i + words]
-            ref = p.SlotRef(segment, index, generation)
-            if kind == p.NOTICE_DETACHED:
-                try:
-                    arena.detach(peer.id, ref, token, deadline)
-                except ShmpoolError as exc:  # a correct client only hands on what it holds
-                    raise ProtocolError(f"bad handoff notice: {exc}") from None
-                continue
-            try:
-                arena.claim(peer.id, ref, token, deadline)
-            except StaleHandleError:
-                if not arena.awaits_detach(ref):
-                    raise ProtocolError("a claim of a slot that is not in transit") from None
-                return flat[i:]
-        return ()
+        try:
+            i = arena.apply_notices(peer.id, flat, deadline)
+        except ShmpoolError as exc:  # a correct client only hands on what it holds
+            raise ProtocolError(f"bad handoff notice: {exc}") from None
+        if i == len(flat):
+            return ()
+        _, segment, index, generation, _ = flat[i : i + p.NOTICE_WORDS]
+        if not arena.awaits_detach(p.SlotRef(segment, index, generation)):
+            raise ProtocolError("a claim of a slot that is not in transit")
+        return flat[i:]
 
     def _attach(self, peer: _Peer, msg: p.Attach) -> None:
         deadline = time.monotonic() + self.transit_timeout

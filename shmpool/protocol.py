@@ -119,6 +119,9 @@ def _json_like(value: Any, name: str, depth: int) -> None:
         raise TypeError(f"{name} holds a {type(value).__name__}, which JSON cannot")
 
 
+_new_tuple = tuple.__new__  # a NamedTuple from checked fields, without its Python __new__
+
+
 class SlotRef(NamedTuple):
     """A slot as the wire names it: segment id, index in it, generation."""
 
@@ -133,7 +136,7 @@ class SlotRef(NamedTuple):
         a, b, c = value
         ints = type(a) is int and type(b) is int and type(c) is int
         if ints and 0 <= a <= MAX_ID and 0 <= b <= MAX_ID and 0 <= c <= MAX_ID:
-            return cls(a, b, c)  # the common case, checked fast
+            return _new_tuple(cls, (a, b, c))  # the common case, checked fast
         for item, name in zip(value, cls._fields, strict=True):
             _int(item, name)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -12,7 +12,19 @@ import pytest
 
 from shmpool.arena import PAGE, Arena
 from shmpool.errors import PoolExhaustedError, StaleHandleError
-from shmpool.protocol import MAX_BATCH, MAX_FDS, SlotRef, StatsReply, decode, encode
+from shmpool.protocol import (
+    MAX_BATCH,
+    MAX_FDS,
+    NOTICE_CLAIMED,
+    NOTICE_DETACHED,
+    NOTICE_WORDS,
+    SlotRef,
+    StatsReply,
+    claim_word,
+    decode,
+    encode,
+    token_maker,
+)
 from shmpool.sizeclass import Classes
 
 # Classes 16, 32, 64, 128, 256 bytes; with 64-byte segments the 16-byte class
@@ -783,3 +795,139 @@ def test_a_handle_may_run_ahead_of_the_books_by_several_handoffs() -> None:
     arena.release(2, [held])
     assert not arena.awaits_detach(SlotRef(ref.segment, ref.index, held.generation + 5))  # free
     assert not arena.awaits_detach(SlotRef(ref.segment + 99, ref.index, 1))
+
+
+# ------------------------------------------------------------------ notices in a batch
+
+
+class _WordBacking(FakeBacking):
+    def __init__(self, fd: int, size: int, header: int) -> None:
+        super().__init__(fd, size)
+        self.tickets = [0] * (header // 8)
+
+
+class _Words:
+    """``TicketOps`` on a list of ints, one per ticket word."""
+
+    def cas64(self, buf: list[int], offset: int, expected: int, new: int) -> bool:
+        if buf[offset // 8] != expected:
+            return False
+        buf[offset // 8] = new
+        return True
+
+    def load64(self, buf: list[int], offset: int) -> int:
+        return buf[offset // 8]
+
+    def store64(self, buf: list[int], offset: int, value: int) -> None:
+        buf[offset // 8] = value
+
+
+def _word_arena(conns: int) -> Arena:
+    fds = itertools.count(100)
+    arena = Arena(
+        Classes(MIN, MAX),
+        1 << 20,
+        lambda size, header=0: _WordBacking(next(fds), size, header),
+        segment_bytes=SEGMENT_BYTES,
+        tickets=_Words(),
+    )
+    for conn in range(1, conns + 1):
+        arena.add_conn(conn, pid=1000 + conn, key=conn * 7919)
+    return arena
+
+
+def _one_by_one(arena: Arena, conn: int, flat: tuple[int, ...], deadline: float) -> int:
+    """The reference: each notice through ``detach`` or ``claim``, as before batching."""
+    for i in range(0, len(flat), NOTICE_WORDS):
+        kind, segment, index, generation, token = flat[i : i + NOTICE_WORDS]
+        ref = SlotRef(segment, index, generation)
+        if kind == NOTICE_DETACHED:
+            arena.detach(conn, ref, token, deadline)
+            continue
+        try:
+            arena.claim(conn, ref, token, deadline)
+        except StaleHandleError:
+            return i
+    return len(flat)
+
+
+def _books(arena: Arena) -> Any:
+    segs = {
+        sid: (list(s.holders), list(s.generations), list(s.backing.tickets))  # type: ignore[attr-defined]
+        for sid, s in arena._segments.items()
+    }
+    conns = {cid: (set(c.held), set(c.known), dict(c.handed)) for cid, c in arena._conns.items()}
+    return segs, conns, dict(arena._transit), arena.stats()["classes"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_notices_in_a_batch_move_the_books_as_one_by_one(seed: int) -> None:
+    """``apply_notices`` (with its few-step common case) against ``detach``/``claim``.
+
+    Three clients hand slots around by ticket words, queueing notices and
+    sending them at random moments, in both orders (a claim may come before
+    its sender's notice). Both arenas must end every step with the same
+    books, the same ticket words and the same answer.
+    """
+    rng = random.Random(seed)
+    fast, slow = _word_arena(3), _word_arena(3)
+    tokens = {conn: token_maker(conn * 7919) for conn in (1, 2, 3)}
+    held: dict[int, list[SlotRef]] = {1: [], 2: [], 3: []}  # what each client holds
+    queued: dict[int, list[int]] = {1: [], 2: [], 3: []}  # each client's unsent notices
+    waiting: dict[int, list[int]] = {1: [], 2: [], 3: []}  # notices the manager holds back
+    handles: list[tuple[SlotRef, int]] = []  # (ref of the next generation, token) in flight
+
+    def word(arena: Arena, ref: SlotRef) -> list[int]:
+        return arena._segments[ref.segment].backing.tickets  # type: ignore[attr-defined, no-any-return]
+
+    def send(conn: int) -> None:
+        flat = (*waiting[conn], *queued[conn])
+        queued[conn] = []
+        if not flat:
+            return
+        a = fast.apply_notices(conn, flat, 1e9)
+        b = _one_by_one(slow, conn, flat, 1e9)
+        assert a == b
+        waiting[conn] = list(flat[a:])
+        if a < len(flat):
+            _, segment, index, generation, _ = flat[a : a + NOTICE_WORDS]
+            assert fast.awaits_detach(SlotRef(segment, index, generation))
+
+    for _ in range(300):
+        conn = rng.randint(1, 3)
+        step = rng.random()
+        if step < 0.25:
+            size, count = rng.choice(SIZES), rng.randint(1, 3)
+            grants = [a.acquire(conn, size, count) for a in (fast, slow)]
+            assert grants[0].slots == grants[1].slots
+            held[conn] += grants[0].slots
+        elif step < 0.5 and held[conn]:
+            ref = held[conn].pop(rng.randrange(len(held[conn])))
+            token = tokens[conn](ref.segment, ref.index, ref.generation + 1)
+            for a in (fast, slow):  # the word holds 0, or our claim not cleared yet
+                words = word(a, ref)
+                assert words[ref.index] in (0, claim_word(conn, ref.generation))
+                words[ref.index] = token
+            queued[conn] += [NOTICE_DETACHED, *ref, token]
+            handles.append((SlotRef(ref.segment, ref.index, ref.generation + 1), token))
+        elif step < 0.7 and handles:
+            ref, token = handles.pop(rng.randrange(len(handles)))
+            for a in (fast, slow):
+                assert word(a, ref)[ref.index] == token
+                word(a, ref)[ref.index] = claim_word(conn, ref.generation)
+            queued[conn] += [NOTICE_CLAIMED, *ref, token]
+            held[conn].append(ref)
+        elif step < 0.9:
+            send(conn)
+        elif held[conn] and not waiting[conn]:
+            send(conn)  # a client sends its notices before anything else
+            if not waiting[conn]:
+                refs = [r for r in held[conn] if rng.random() < 0.5]
+                ok = [a.release(conn, refs) for a in (fast, slow)]
+                assert ok[0] == ok[1] == len(refs)
+                held[conn] = [r for r in held[conn] if r not in refs]
+        assert _books(fast) == _books(slow)
+    for conn in (1, 2, 3, 1, 2, 3):
+        send(conn)
+    assert _books(fast) == _books(slow)
+    assert not any(waiting.values())
