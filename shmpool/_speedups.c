@@ -12,6 +12,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <unistd.h>
 
 static PyObject *LeaseClosedError;
 static PyObject *s_release, *s_home, *s_view, *s_append, *s_high, *s_pool, *s_trim;
@@ -502,12 +503,472 @@ store64(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------- handoff
+ *
+ * The common case of pickling a Lease (Pool._hand_off) and of unpickling one
+ * (Pool._take), step for step as the Python code they replace did it: a
+ * class slot whose ticket word this process swaps, with its notice queued.
+ * Anything else returns None, and the caller takes the Python path, which
+ * checks every condition again and raises what applies. Both run only with
+ * tickets on, which needs this module, so they have no Python twin.
+ */
+
+static PyTypeObject *SlotRefType, *LeaseType;
+static Py_ssize_t off_slot_ref = -1, off_slot_capacity = -1, off_cache_pool = -1,
+                  off_cache_cls = -1;
+static Py_ssize_t notice_batch = 64;
+static PyObject *one; /* the int 1 */
+static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
+    *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
+    *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_token, *s_instance;
+
+#define NOTICE_DETACHED 0
+#define NOTICE_CLAIMED 1
+#define NOTICE_WORDS 5
+
+/* getattr(obj, name) as a C integer; -1 with an exception on failure. */
+static int
+attr_ssize(PyObject *obj, PyObject *name, Py_ssize_t *out)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* 1 if getattr(obj, name) is true, 0 if false, -1 on error. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* 1 if getattr(obj, name) is None, 0 if not, -1 on error. */
+static int
+attr_none(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = v == Py_None;
+    Py_DECREF(v);
+    return r;
+}
+
+/* The pool's connection is this process's and usable (its lock held):
+ * 1 yes, 0 no (the Python path reconnects or raises), -1 error. */
+static int
+pool_connected(PyObject *pool)
+{
+    int r = attr_true(pool, s_closed);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
+    if ((r = attr_none(pool, s_broken)) != 1)
+        return r;
+    if ((r = attr_none(pool, s_sock)) != 0)
+        return r < 0 ? -1 : 0;
+    Py_ssize_t pid;
+    if (attr_ssize(pool, s_pid, &pid) < 0)
+        return -1;
+    return pid == (Py_ssize_t)getpid();
+}
+
+static int
+lock_call(PyObject *lock, PyObject *name)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(lock, name);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* CAS a slot's ticket word: 1 swapped, 0 not, -1 error. */
+static int
+ticket_cas(PyObject *tickets, Py_ssize_t index, uint64_t expected, uint64_t desired)
+{
+    Py_buffer view;
+    uint64_t *word = word_at(tickets, 8 * index, &view);
+    if (word == NULL)
+        return -1;
+    int ok = __atomic_compare_exchange_n(word, &expected, desired, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE);
+    PyBuffer_Release(&view);
+    return ok;
+}
+
+/* Pool._note for a notice the ticket word backs (lock held). */
+static int
+queue_notice(PyObject *pool, int kind, PyObject *segment, PyObject *index, PyObject *generation,
+             PyObject *token)
+{
+    PyObject *notices = PyObject_GetAttr(pool, s_notices);
+    if (notices == NULL)
+        return -1;
+    if (!PyList_CheckExact(notices)) {
+        Py_DECREF(notices);
+        PyErr_SetString(PyExc_TypeError, "Pool._notices must be a list");
+        return -1;
+    }
+    PyObject *k = PyLong_FromLong(kind);
+    int failed = k == NULL || PyList_Append(notices, k) < 0 || PyList_Append(notices, segment) < 0 ||
+                 PyList_Append(notices, index) < 0 || PyList_Append(notices, generation) < 0 ||
+                 PyList_Append(notices, token) < 0;
+    Py_XDECREF(k);
+    Py_ssize_t queued = PyList_GET_SIZE(notices);
+    Py_DECREF(notices);
+    if (failed)
+        return -1;
+    PyObject *claims = PyObject_GetAttr(pool, s_claims);
+    if (claims == NULL)
+        return -1;
+    PyObject *key = PyTuple_Pack(2, segment, index);
+    int flush = 0;
+    if (key == NULL)
+        failed = 1;
+    else if (kind == NOTICE_CLAIMED)
+        failed = PySet_Add(claims, key) < 0;
+    else if (PySet_GET_SIZE(claims)) { /* handing on a slot whose claim is queued */
+        flush = PySet_Contains(claims, key);
+        failed = flush < 0;
+    }
+    Py_XDECREF(key);
+    Py_DECREF(claims);
+    if (failed)
+        return -1;
+    PyObject *r = NULL;
+    if (flush || queued >= notice_batch * NOTICE_WORDS)
+        r = PyObject_CallMethodNoArgs(pool, s_flush_notices);
+    else if (queued == NOTICE_WORDS)
+        r = PyObject_CallMethodNoArgs(pool, s_ensure_janitor); /* it sends them */
+    else
+        return 0;
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* A new _Slot(ref, view, home) (capacity = len(view)), members set directly. */
+static PyObject *
+new_slot(PyObject *ref, PyObject *view, Py_ssize_t capacity, PyObject *home)
+{
+    PyObject *cap = PyLong_FromSsize_t(capacity);
+    if (cap == NULL)
+        return NULL;
+    PyObject *slot = SlotType->tp_alloc(SlotType, 0);
+    if (slot == NULL) {
+        Py_DECREF(cap);
+        return NULL;
+    }
+    char *base = (char *)slot;
+    *(PyObject **)(base + off_slot_ref) = Py_NewRef(ref);
+    *(PyObject **)(base + off_slot_view) = Py_NewRef(view);
+    *(PyObject **)(base + off_slot_capacity) = cap;
+    *(PyObject **)(base + off_slot_home) = Py_NewRef(home);
+    return slot;
+}
+
+/* An exact int as a Py_ssize_t >= 0; -1 (no exception) if it is not one. */
+static Py_ssize_t
+natural(PyObject *v)
+{
+    if (!PyLong_CheckExact(v))
+        return -1;
+    Py_ssize_t n = PyLong_AsSsize_t(v);
+    if (n == -1 && PyErr_Occurred())
+        PyErr_Clear();
+    return n < 0 ? -1 : n;
+}
+
+/* The slot of a segment (its _Segment), checked against the segment's size:
+ * (tickets, view, header); 0 if it does not apply, -1 on error. */
+static int
+segment_of(PyObject *pool, PyObject *segment, Py_ssize_t index, Py_ssize_t capacity,
+           PyObject **tickets, PyObject **view, Py_ssize_t *offset)
+{
+    PyObject *segments = PyObject_GetAttr(pool, s_segments);
+    if (segments == NULL)
+        return -1;
+    if (!PyDict_CheckExact(segments)) {
+        Py_DECREF(segments);
+        return 0;
+    }
+    PyObject *seg = PyDict_GetItemWithError(segments, segment);
+    Py_XINCREF(seg);
+    Py_DECREF(segments);
+    if (seg == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_ssize_t slot_size, header;
+    int r = -1;
+    *tickets = *view = NULL;
+    if (attr_ssize(seg, s_slot_size, &slot_size) < 0 || attr_ssize(seg, s_header, &header) < 0)
+        goto done;
+    r = 0;
+    if (slot_size != capacity || capacity <= 0 || index > header / 8 - 1)
+        goto done;
+    if ((*tickets = PyObject_GetAttr(seg, s_tickets)) == NULL ||
+        (*view = PyObject_GetAttr(seg, s_view)) == NULL) {
+        r = -1;
+        goto done;
+    }
+    Py_ssize_t length = PyObject_Length(*view);
+    if (length < 0) {
+        r = -1;
+        goto done;
+    }
+    if (*tickets != Py_None && length - header >= capacity &&
+        index <= (length - header - capacity) / capacity) {
+        *offset = header + index * capacity;
+        r = 1;
+    }
+done:
+    Py_DECREF(seg);
+    if (r != 1) {
+        Py_CLEAR(*tickets);
+        Py_CLEAR(*view);
+    }
+    return r;
+}
+
+static PyObject *
+take(PyObject *module, PyObject *args)
+{
+    PyObject *pool, *fields;
+    if (!PyArg_ParseTuple(args, "OO!", &pool, &PyTuple_Type, &fields))
+        return NULL;
+    if (PyTuple_GET_SIZE(fields) != 8 || LeaseType == NULL)
+        Py_RETURN_NONE;
+    PyObject *segment = PyTuple_GET_ITEM(fields, 1), *index = PyTuple_GET_ITEM(fields, 2),
+             *generation = PyTuple_GET_ITEM(fields, 3), *token = PyTuple_GET_ITEM(fields, 4);
+    Py_ssize_t idx = natural(index), length = natural(PyTuple_GET_ITEM(fields, 5)),
+               capacity = natural(PyTuple_GET_ITEM(fields, 6)),
+               readers = natural(PyTuple_GET_ITEM(fields, 7));
+    if (!PyLong_CheckExact(segment) || natural(generation) < 0 || !PyLong_CheckExact(token) ||
+        idx < 0 || length < 0 || capacity <= 0 || readers != 0)
+        Py_RETURN_NONE;
+    unsigned long long tok = PyLong_AsUnsignedLongLong(token);
+    if (tok == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    unsigned long long gen = PyLong_AsUnsignedLongLongMask(generation);
+    int on = attr_true(pool, s_tickets_on);
+    if (on <= 0)
+        return on < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *tickets = NULL, *view = NULL;
+    Py_ssize_t offset = 0, client_id, min_shift;
+    int found = segment_of(pool, segment, idx, capacity, &tickets, &view, &offset);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *lock = NULL, *ref = NULL, *home = NULL, *result = NULL;
+    if (attr_ssize(pool, s_client_id, &client_id) < 0 ||
+        attr_ssize(pool, s_min_shift, &min_shift) < 0)
+        goto done;
+    uint64_t claimed = (1ULL << 63) | ((gen & 0x7FFFFFFFULL) << 32) |
+                       ((uint64_t)client_id & 0xFFFFFFFFULL);
+    if ((lock = PyObject_GetAttr(pool, s_lock)) == NULL || lock_call(lock, s_acquire) < 0) {
+        Py_CLEAR(lock);
+        goto done;
+    }
+    /* the lock is held from here to the end of this block */
+    int ok = pool_connected(pool);
+    if (ok > 0)
+        ok = ticket_cas(tickets, idx, tok, claimed);
+    if (ok > 0) {
+        PyObject *triple = PyTuple_Pack(3, segment, index, generation);
+        PyObject *arg = triple ? PyTuple_Pack(1, triple) : NULL;
+        ref = arg ? PyTuple_Type.tp_new(SlotRefType, arg, NULL) : NULL;
+        Py_XDECREF(arg);
+        Py_XDECREF(triple);
+        if (ref == NULL ||
+            queue_notice(pool, NOTICE_CLAIMED, segment, index, generation, token) < 0)
+            ok = -1;
+    }
+    if (ok > 0) {
+        PyObject *caches = PyObject_GetAttr(pool, s_caches);
+        int bits = 8 * (int)sizeof(unsigned long long) - __builtin_clzll((unsigned long long)capacity);
+        Py_ssize_t cls = bits - 1 - min_shift;
+        home = caches ? PySequence_GetItem(caches, cls > 0 ? cls : 0) : NULL;
+        Py_XDECREF(caches);
+        if (home == NULL)
+            ok = -1;
+    }
+    {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        int unlocked = lock_call(lock, s_release);
+        if (et != NULL)
+            PyErr_Restore(et, ev, tb);
+        if (unlocked < 0 || ok < 0)
+            goto done;
+    }
+    if (ok == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *whole = PySequence_GetSlice(view, offset, offset + capacity);
+    if (whole == NULL)
+        goto done;
+    PyObject *slot = new_slot(ref, whole, capacity, home);
+    Py_DECREF(whole);
+    if (slot == NULL)
+        goto done;
+    result = lease_new_raw(LeaseType, slot, length < capacity ? length : capacity);
+    Py_DECREF(slot);
+done:
+    Py_XDECREF(lock);
+    Py_XDECREF(ref);
+    Py_XDECREF(home);
+    Py_DECREF(tickets);
+    Py_DECREF(view);
+    return result;
+}
+
+static PyObject *
+hand_off(PyObject *module, PyObject *args)
+{
+    PyObject *pool;
+    LeaseObject *lease;
+    if (!PyArg_ParseTuple(args, "OO!", &pool, &LeaseBaseType, &lease))
+        return NULL;
+    if (lease->view == NULL || lease->slot == NULL || Py_TYPE(lease->slot) != SlotType)
+        Py_RETURN_NONE;
+    char *slot = (char *)lease->slot;
+    PyObject *home = *(PyObject **)(slot + off_slot_home);
+    PyObject *ref = *(PyObject **)(slot + off_slot_ref);
+    PyObject *capacity = *(PyObject **)(slot + off_slot_capacity);
+    if (home == NULL || ref == NULL || capacity == NULL || Py_TYPE(home) != CacheType ||
+        *(PyObject **)((char *)home + off_cache_pool) != pool || !PyTuple_Check(ref) ||
+        PyTuple_GET_SIZE(ref) != 3)
+        Py_RETURN_NONE;
+    PyObject *segment = PyTuple_GET_ITEM(ref, 0), *index = PyTuple_GET_ITEM(ref, 1),
+             *generation = PyTuple_GET_ITEM(ref, 2);
+    Py_ssize_t idx = natural(index), cap = natural(capacity);
+    if (idx < 0 || cap <= 0 || !PyLong_CheckExact(generation))
+        Py_RETURN_NONE;
+    int on = attr_true(pool, s_tickets_on);
+    if (on <= 0)
+        return on < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *tickets = NULL, *view = NULL, *lock = NULL, *next = NULL, *token = NULL;
+    PyObject *result = NULL;
+    Py_ssize_t offset;
+    int found = segment_of(pool, segment, idx, cap, &tickets, &view, &offset);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    Py_ssize_t length = PyObject_Length(lease->view);
+    if (length < 0 || (lock = PyObject_GetAttr(pool, s_lock)) == NULL)
+        goto done;
+    if (lock_call(lock, s_acquire) < 0)
+        goto done;
+    /* the lock is held from here to the end of this block */
+    int ok = pool_connected(pool);
+    if (ok > 0) { /* the lease is of this connection's caches: caches[home.cls] is home */
+        PyObject *caches = PyObject_GetAttr(pool, s_caches);
+        PyObject *cls = *(PyObject **)((char *)home + off_cache_cls);
+        PyObject *mine = caches && cls ? PyObject_GetItem(caches, cls) : NULL;
+        if (mine == NULL)
+            ok = -1;
+        else if (mine != home)
+            ok = 0;
+        Py_XDECREF(mine);
+        Py_XDECREF(caches);
+    }
+    if (ok > 0) {
+        next = PyNumber_Add(generation, one);
+        PyObject *maker = next ? PyObject_GetAttr(pool, s_token) : NULL;
+        token = maker ? PyObject_CallFunctionObjArgs(maker, segment, index, next, NULL) : NULL;
+        Py_XDECREF(maker);
+        unsigned long long tok = token ? PyLong_AsUnsignedLongLong(token) : 0;
+        if (token == NULL || (tok == (unsigned long long)-1 && PyErr_Occurred()))
+            ok = -1;
+        else
+            ok = ticket_cas(tickets, idx, 0, tok);
+    }
+    if (ok > 0) {
+        PyObject *instance = PyObject_GetAttr(pool, s_instance);
+        result = instance ? Py_BuildValue("(OOOOOnOi)", instance, segment, index, next, token,
+                                          length, capacity, 0)
+                          : NULL;
+        Py_XDECREF(instance);
+        if (result == NULL || lease_close_view(lease) < 0 ||
+            queue_notice(pool, NOTICE_DETACHED, segment, index, generation, token) < 0) {
+            Py_CLEAR(result);
+            ok = -1;
+        }
+    }
+    {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        int unlocked = lock_call(lock, s_release);
+        if (et != NULL)
+            PyErr_Restore(et, ev, tb);
+        if (unlocked < 0)
+            Py_CLEAR(result);
+        else if (ok == 0)
+            result = Py_NewRef(Py_None);
+    }
+done:
+    Py_XDECREF(lock);
+    Py_XDECREF(next);
+    Py_XDECREF(token);
+    Py_DECREF(tickets);
+    Py_DECREF(view);
+    return result;
+}
+
+static PyObject *
+configure_handoff(PyObject *module, PyObject *args)
+{
+    PyObject *slotref_type, *lease_type;
+    Py_ssize_t batch;
+    if (!PyArg_ParseTuple(args, "O!O!n", &PyType_Type, &slotref_type, &PyType_Type, &lease_type,
+                          &batch))
+        return NULL;
+    if (SlotType == NULL || CacheType == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() comes first");
+        return NULL;
+    }
+    if (!PyType_IsSubtype((PyTypeObject *)slotref_type, &PyTuple_Type) ||
+        !PyType_IsSubtype((PyTypeObject *)lease_type, &LeaseBaseType) || batch < 1) {
+        PyErr_SetString(PyExc_TypeError, "configure_handoff(SlotRef, Lease, batch >= 1)");
+        return NULL;
+    }
+    Py_ssize_t ref = member_offset(SlotType, "ref");
+    Py_ssize_t capacity = ref < 0 ? -1 : member_offset(SlotType, "capacity");
+    Py_ssize_t pool = capacity < 0 ? -1 : member_offset(CacheType, "pool");
+    Py_ssize_t cls = pool < 0 ? -1 : member_offset(CacheType, "cls");
+    if (cls < 0)
+        return NULL;
+    off_slot_ref = ref;
+    off_slot_capacity = capacity;
+    off_cache_pool = pool;
+    off_cache_cls = cls;
+    notice_batch = batch;
+    Py_INCREF(slotref_type);
+    Py_XSETREF(SlotRefType, (PyTypeObject *)slotref_type);
+    Py_INCREF(lease_type);
+    Py_XSETREF(LeaseType, (PyTypeObject *)lease_type);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"make_lease", make_lease, METH_VARARGS, "make_lease(type, slot, size) -> Lease"},
     {"cas64", cas64, METH_VARARGS, "cas64(buffer, offset, expected, new) -> bool (atomic)"},
     {"load64", load64, METH_VARARGS, "load64(buffer, offset) -> int (atomic)"},
     {"store64", store64, METH_VARARGS, "store64(buffer, offset, value) (atomic)"},
     {"configure", configure, METH_VARARGS, "configure(LeaseClosedError, _Slot, _Cache)"},
+    {"configure_handoff", configure_handoff, METH_VARARGS,
+     "configure_handoff(SlotRef, Lease, notice_batch)"},
+    {"take", take, METH_VARARGS, "take(pool, fields) -> Lease or None (Pool._take)"},
+    {"hand_off", hand_off, METH_VARARGS, "hand_off(pool, lease) -> fields or None (Pool._hand_off)"},
     {NULL},
 };
 
@@ -528,6 +989,28 @@ PyInit__speedups(void)
     INTERN(s_high, "high");
     INTERN(s_pool, "pool");
     INTERN(s_trim, "_trim");
+    INTERN(s_segments, "_segments");
+    INTERN(s_tickets, "tickets");
+    INTERN(s_slot_size, "slot_size");
+    INTERN(s_header, "header");
+    INTERN(s_tickets_on, "_tickets_on");
+    INTERN(s_client_id, "client_id");
+    INTERN(s_lock, "_lock");
+    INTERN(s_closed, "_closed");
+    INTERN(s_broken, "_broken");
+    INTERN(s_sock, "_sock");
+    INTERN(s_pid, "_pid");
+    INTERN(s_notices, "_notices");
+    INTERN(s_claims, "_claims");
+    INTERN(s_caches, "_caches");
+    INTERN(s_min_shift, "_min_shift");
+    INTERN(s_ensure_janitor, "_ensure_janitor");
+    INTERN(s_flush_notices, "_flush_notices");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_token, "_token");
+    INTERN(s_instance, "manager_instance");
+    if ((one = PyLong_FromLong(1)) == NULL)
+        return NULL;
     memoryview_release = PyObject_GetAttrString((PyObject *)&PyMemoryView_Type, "release");
     if (memoryview_release == NULL)
         return NULL;

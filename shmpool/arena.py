@@ -456,9 +456,10 @@ class Arena:
             seg = segments.get(segment)
             cls = seg.cls if seg is not None else None
             if kind == NOTICE_DETACHED:
-                if (
+                if handed and handed.get(key) == token:
+                    del handed[key]  # its receiver's notice came first and did this
+                elif (
                     cls is not None
-                    and not handed
                     and 0 <= index < len(seg.holders)  # type: ignore[union-attr]
                     and seg.holders[index] == cid  # type: ignore[union-attr]
                     and seg.generations[index] == generation  # type: ignore[union-attr]

@@ -78,6 +78,8 @@ NOTICE_BATCH = 64
 
 _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 _speedups: Any = vars(_buffer)["_speedups"]
+if _speedups is not None:
+    _speedups.configure_handoff(p.SlotRef, Lease, NOTICE_BATCH)
 
 
 #: Pools whose janitor ``_before_fork`` stopped, to restart in the parent.
@@ -705,38 +707,18 @@ class Pool:
         )  # fmt: skip
 
     def _hand_off(self, lease: Lease) -> tuple[int, ...]:
-        """``tuple(lease.detach())``, what pickling a Lease sends.
+        """``tuple(lease.detach())``: what pickling a Lease sends.
 
-        The common case (a slot of a class cache whose ticket word is 0) is
-        done here in a few steps; anything else goes through ``_detach``,
-        which checks each condition again and raises what applies.
+        The common case, a slot of a class cache whose ticket word is 0, is
+        done in C (``_speedups.hand_off``: the checks, the token, the word,
+        the queued notice, as ``_detach`` does them). Anything else goes
+        through ``_detach``, which checks each condition again and raises
+        what applies.
         """
-        slot = lease._slot
-        home = slot.home
-        segment, index, generation = ref = slot.ref
-        with self._lock:
-            if (
-                type(home) is _Cache
-                and home.pool is self
-                and self._tickets_on
-                and not self._closed
-                and self._broken is None
-                and self._sock is not None
-                and self._pid == _getpid()
-                and self._caches[home.cls] is home
-            ):
-                seg = self._segments.get(segment)
-                view = lease._view
-                if seg is not None and view is not None and seg.tickets is not None:
-                    token = self._token(segment, index, generation + 1)
-                    if _speedups.cas64(seg.tickets, 8 * index, 0, token):
-                        fields = (
-                            self.manager_instance, segment, index, generation + 1, token,
-                            len(view), slot.capacity, 0,
-                        )  # fmt: skip
-                        lease._disown()
-                        self._note(p.NOTICE_DETACHED, ref, token)
-                        return fields
+        if self._tickets_on:  # which needs the C extension
+            fields: tuple[int, ...] | None = _speedups.hand_off(self, lease)
+            if fields is not None:
+                return fields
         return tuple(self._detach(lease))
 
     def _publish_ticket(self, ref: p.SlotRef, token: int) -> bool:
@@ -793,50 +775,16 @@ class Pool:
         return make_lease(slot, min(length, size))
 
     def _take(self, fields: tuple[int, ...]) -> Lease | None:
-        """Claim a pickled Lease's slot by its ticket word: ``_claim`` in fewer steps.
+        """Claim a pickled Lease's slot by its ticket word: ``_claim`` in C.
 
         Only the common case (a class slot in a segment mapped here, the
-        word holding the handle's token) is taken here; None sends the
-        caller through ``attach``, which checks everything and raises what
-        applies.
+        word holding the handle's token, this process's live connection) is
+        taken by ``_speedups.take``; None sends the caller through
+        ``attach``, which checks everything and raises what applies.
         """
-        if len(fields) != 8:
+        if not self._tickets_on:  # which needs the C extension
             return None
-        _, segment, index, generation, token, length, capacity, readers = fields
-        seg = self._segments.get(segment)
-        if (
-            seg is None
-            or readers
-            or seg.tickets is None
-            or seg.slot_size != capacity
-            or not self._tickets_on
-            or type(index) is not int
-            or type(generation) is not int
-            or type(token) is not int
-            or type(length) is not int
-            or index < 0
-            or length < 0
-            or 8 * index + 8 > seg.header
-        ):
-            return None
-        offset = seg.header + index * capacity
-        if offset + capacity > len(seg.view):
-            return None
-        claimed = p.CLAIMED | (generation & 0x7FFF_FFFF) << 32 | self.client_id
-        with self._lock:
-            if (
-                self._closed
-                or self._broken is not None
-                or self._sock is None
-                or self._pid != _getpid()
-                or not _speedups.cas64(seg.tickets, 8 * index, token, claimed)
-            ):
-                return None
-            ref = _new_ref(p.SlotRef, (segment, index, generation))
-            self._note(p.NOTICE_CLAIMED, ref, token)
-            home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
-        slot = _Slot(ref, seg.view[offset : offset + capacity], home)
-        return make_lease(slot, min(length, capacity))
+        return _speedups.take(self, fields)  # type: ignore[no-any-return]
 
     def attach(self, handle: Handle) -> Lease:
         """Lease the slot behind ``handle`` (from ``Lease.detach()``) to this process.
