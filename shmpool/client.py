@@ -192,6 +192,8 @@ class Pool:
         self._token: Any = None  # ticket_token with this connection's key
         self._notices: list[int] = []  # unsent handoff notices, oldest first (Notices.flat)
         self._claims: set[tuple[int, int]] = set()  # slots claimed in those notices
+        # req of each prefetch Acquire not answered yet -> its class index
+        self._prefetching: dict[int, int] = {}
         self._reset_counters()
         welcome = self._connect()
         self.manager_pid = welcome.manager_pid
@@ -223,6 +225,7 @@ class Pool:
 
     def _new_caches(self) -> None:
         """Fresh, empty caches; slots in the old ones are no longer ours to hand out."""
+        self._prefetching = {}  # the answers still to come died with the old connection
         self._batch = [min(FIRST_BATCH, m) for m in self._max_batch]
         self._last_batch = [0.0] * self._nclasses
         self._caches = [_Cache(self, i, 2 * b) for i, b in enumerate(self._batch)]
@@ -278,33 +281,74 @@ class Pool:
         return make_lease(self._refill(max(0, index)), size)
 
     def _refill(self, index: int) -> _Slot:
+        """The cache of class ``index`` is empty: fill it from the manager.
+
+        A hot class (refilled within ``HOT_INTERVAL`` of the last time) asks
+        for its next batch at once, without waiting for the answer: a
+        prefetch, which the manager answers from free memory or refuses,
+        never making anyone wait. The next refill then finds that answer on
+        the socket (or in the cache, if another call read it first) instead
+        of waiting a round trip.
+        """
         with self._lock:
             cache = self._caches[index]
             if cache:  # another thread refilled while we waited
                 return cache.pop()  # type: ignore[no-any-return]
             self._misses += 1
-            self._note_batch(index)
+            hot = self._note_batch(index)
             size = 1 << (self._min_shift + index)
-            req = self._next_req()
-            request = p.encode_acquire(req, size, self._batch[index], self.cache_hits)
-            slots = self._grant(req, request, self._caches[index])
+            pending = [req for req, cls in self._prefetching.items() if cls == index]
+            if pending:
+                self._await_prefetch(pending[0])  # its slots join the cache, or it was refused
+            if not cache:
+                req = self._next_req()
+                request = p.encode_acquire(req, size, self._batch[index], self.cache_hits)
+                cache.extend(self._grant(req, request, cache))
             self._ensure_janitor()
-            first = slots.pop()
-            self._caches[index].extend(slots)
-            return first
+            first = cache.pop()
+            if hot:
+                req = self._next_req()
+                self._send(p.encode_acquire(req, size, self._batch[index], self.cache_hits, 0))
+                self._prefetching[req] = index
+            return first  # type: ignore[no-any-return]
 
-    def _note_batch(self, index: int) -> None:
+    def _await_prefetch(self, req: int) -> None:
+        """Read the manager's messages until prefetch ``req`` is answered (lock held)."""
+        while req in self._prefetching:
+            sock = self._sock
+            if sock is None:
+                return
+            reply, fds = self._receive(sock)
+            self._on_unasked(reply, fds)
+
+    def _on_prefetched(self, index: int, reply: p.Message, fds: list[int]) -> None:
+        """The answer to a prefetch of class ``index`` (lock held): slots join the cache."""
+        if isinstance(reply, p.Error) and reply.code == "exhausted":
+            _close_fds(fds)  # nothing free now: the next refill asks and waits
+            return
+        if isinstance(reply, p.Error):
+            _close_fds(fds)
+            raise self._gone(error_from_code(reply.code, reply.message))
+        cache = self._caches[index]
+        cache.extend(self._granted(reply, fds, cache))
+        if len(cache) > cache.high:  # releases refilled the cache meanwhile
+            self._return(cache, self._batch[index])
+
+    def _note_batch(self, index: int) -> bool:
         """A batch of class ``index`` comes or goes (lock held): grow batches of a hot class.
 
         Refills make a class hot in a process that acquires; trims make it hot
         in one that mostly releases slots other processes handed to it (a
-        consumer), which then returns them in batches as large.
+        consumer), which then returns them in batches as large. Returns
+        whether the class is hot.
         """
         now = time.monotonic()
-        if now - self._last_batch[index] < HOT_INTERVAL:
+        hot = now - self._last_batch[index] < HOT_INTERVAL
+        if hot:
             self._batch[index] = min(2 * self._batch[index], self._max_batch[index])
             self._caches[index].high = 2 * self._batch[index]
         self._last_batch[index] = now
+        return hot
 
     def _acquire_oversize(self, size: int) -> Lease:
         with self._lock:
@@ -331,6 +375,10 @@ class Pool:
 
     def _grant(self, req: int, request: bytes, home: Any) -> list[_Slot]:
         reply, fds = self._roundtrip(req, request)
+        return self._granted(reply, fds, home)
+
+    def _granted(self, reply: p.Message, fds: list[int], home: Any) -> list[_Slot]:
+        """The slots of a ``Grant`` (its new segments mapped), going to ``home``."""
         if not isinstance(reply, p.Grant):
             _close_fds(fds)
             raise self._gone(ProtocolError(f"expected a Grant, got {type(reply).__name__}"))
@@ -426,12 +474,27 @@ class Pool:
         sock = self._sock
         while sock is not None and self._live() and select.select([sock], [], [], 0)[0]:
             reply, fds = self._receive(sock)
-            _close_fds(fds)
-            if isinstance(reply, p.Recall):
-                self._on_recall(reply)
-            else:
-                self._note_stray(reply)
+            self._on_unasked(reply, fds)
             sock = self._sock
+
+    def _on_unasked(self, reply: p.Message, fds: list[int]) -> None:
+        """A message that answers no request a caller waits for (lock held).
+
+        A ``Recall``, or the answer to a prefetch; anything else breaks the
+        protocol.
+        """
+        if isinstance(reply, p.Recall):
+            _close_fds(fds)
+            self._on_recall(reply)
+            return
+        index = self._prefetching.pop(reply.req, None)
+        if index is not None:
+            self._on_prefetched(index, reply, fds)
+            return
+        _close_fds(fds)
+        if isinstance(reply, p.Error) and reply.code == "denied":
+            raise self._gone(AccessDeniedError(reply.message))
+        self._note_stray(reply)
 
     def _note_stray(self, reply: p.Message) -> None:
         if isinstance(reply, p.Error):
@@ -559,15 +622,9 @@ class Pool:
         sock = self._send(data, hello)
         while True:
             reply, fds = self._receive(sock)
-            if isinstance(reply, p.Recall):
-                _close_fds(fds)
-                self._on_recall(reply)
+            if reply.req != req or isinstance(reply, p.Recall):
+                self._on_unasked(reply, fds)  # a Recall, or a prefetch answered first
                 continue
-            if reply.req != req:
-                _close_fds(fds)
-                if isinstance(reply, p.Error) and reply.code == "denied":
-                    raise self._gone(AccessDeniedError(reply.message))
-                self._note_stray(reply)
             if isinstance(reply, p.Error):
                 _close_fds(fds)
                 err = error_from_code(reply.code, reply.message)
@@ -841,6 +898,8 @@ class Pool:
         with self._lock:
             if not self._live():
                 return 0
+            for req in list(self._prefetching):
+                self._await_prefetch(req)  # its slots are ours too: they go back as well
             return sum(self._return(cache, 0) for cache in self._caches)
 
     @property

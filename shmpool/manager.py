@@ -472,6 +472,12 @@ class Manager:
             self._send(peer, p.encode(p.StatsReply(msg.req, self.stats())))
 
     def _acquire(self, peer: _Peer, msg: p.Acquire) -> None:
+        if not msg.wait:  # a prefetch: never before those who wait, never parked
+            slot_size = self.arena.class_size(msg.size)
+            if any(w.slot_size == slot_size for w in self._waiting):
+                raise PoolExhaustedError(f"other clients wait for {slot_size}-byte slots")
+            self._grant(peer, msg)
+            return
         try:
             self._grant(peer, msg)
         except PoolExhaustedError:

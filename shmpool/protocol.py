@@ -73,7 +73,7 @@ __all__ = [
     "token_maker",
 ]
 
-VERSION = 2
+VERSION = 3
 #: Largest request datagram a client may send (a full Release batch fits easily).
 MAX_REQUEST = 16 * 1024
 #: Largest reply datagram the manager sends (below the ~200 KiB SEQPACKET limit).
@@ -211,7 +211,10 @@ class Acquire(_Message):
     """Lease ``count`` slots of the class that fits ``size`` bytes.
 
     ``hits`` is the client's running count of acquires served from its local
-    cache, piggybacked so the manager's stats can show it.
+    cache, piggybacked so the manager's stats can show it. ``wait`` 0 makes
+    it a prefetch: answered at once, with free slots (or a new segment
+    within the budget) or an ``exhausted`` Error, never parked, recalling
+    nothing, and refused while other clients wait for that class.
     """
 
     TYPE: ClassVar[int] = 2
@@ -219,12 +222,14 @@ class Acquire(_Message):
     size: int
     count: int = 1
     hits: int = 0
+    wait: int = 1
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
         _int(self.size, "size", 1, MAX_BUFFER)
         _int(self.count, "count", 1, MAX_BATCH)
         _int(self.hits, "hits")
+        _int(self.wait, "wait", 0, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,13 +644,13 @@ def encode(message: Message) -> bytes:
     return _pack(message.to_wire())  # type: ignore[no-any-return]
 
 
-def encode_acquire(req: int, size: int, count: int, hits: int) -> bytes:
+def encode_acquire(req: int, size: int, count: int, hits: int, wait: int = 1) -> bytes:
     """``encode(Acquire(...))`` without building the object: the client's slow path.
 
     The caller guarantees valid fields (this process made them); what the
     manager decodes is checked there as always.
     """
-    return _pack([Acquire.TYPE, req, size, count, hits])  # type: ignore[no-any-return]
+    return _pack([Acquire.TYPE, req, size, count, hits, wait])  # type: ignore[no-any-return]
 
 
 def encode_return(req: int, slots: list[SlotRef], hits: int) -> bytes:

@@ -210,7 +210,11 @@ def test_hot_refills_double_the_batch_up_to_its_cap(
             assert pool._caches[i].high == 2 * pool._batch[i]
         assert grants[0] == min(4, cap)
         assert all(g <= cap for g in grants), grants
-        for prev, nxt in itertools.pairwise(grants):
+        # Each hot refill doubles the batch. The first hot one also asks for
+        # the next batch ahead (a prefetch of the same size, which the
+        # refill after it takes): every later batch is double the one before.
+        assert grants[1] == min(8, cap), grants
+        for prev, nxt in itertools.pairwise(grants[2:]):
             assert nxt == min(2 * prev, cap), grants
         assert grants[-2:] == [cap, cap], grants  # it reached the cap and stayed there
 
@@ -225,6 +229,39 @@ def test_hot_refills_double_the_batch_up_to_its_cap(
         pool.acquire(size).release()
         assert pool.manager_acquires - before == min(4, cap)
         assert pool._batch[i] == min(4, cap)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [4096, 1 << 20])
+def test_a_hot_refill_takes_the_batch_asked_ahead(
+    big_manager: shmpool.ManagerProcess, size: int
+) -> None:
+    """A hot class asks for its next batch ahead; the refill after takes it without waiting.
+
+    That refill sends one message (the next prefetch), not an Acquire to
+    wait for as well; and whatever answered, stats then count every slot.
+    """
+    with shmpool.Pool(big_manager.address, name="ahead", idle_timeout=None) as pool:
+        i = _index(pool, size)
+        leases = []
+        while not pool._prefetching:
+            leases.append(pool.acquire(size))
+        ((req, cls),) = pool._prefetching.items()
+        assert cls == i
+        while pool._caches[i]:
+            leases.append(pool.acquire(size))
+        messages, acquired = pool.messages, pool.manager_acquires
+        leases.append(pool.acquire(size))  # the cache was empty: a refill
+        assert pool.messages == messages + 1  # the next prefetch; the answer was waiting
+        assert pool.manager_acquires > acquired
+        assert req not in pool._prefetching
+        assert list(pool._prefetching.values()) == [i]
+        stats = pool.stats()  # its answer comes before the reply to this
+        assert not pool._prefetching
+        assert _entry(stats, "ahead")["leased"] == len(leases) + len(pool._caches[i])
+        for lease in leases:
+            lease.release()
+        assert_balanced(pool.stats())
 
 
 # --------------------------------------------------------- high-water mark
@@ -365,6 +402,7 @@ def test_steady_loop_pairs_per_message(manager: shmpool.ManagerProcess) -> None:
         assert messages >= 1  # the first refills
         assert pairs / messages >= 32, (pairs, messages)
         assert pool.cache_hits - before_hits >= pairs - pool.manager_acquires
+        pool.stats()  # a prefetch answered meanwhile lands (and a surplus goes back) first
         stats = pool.stats()
         mine = _entry(stats, "ppm")
         assert mine["manager_acquires"] == pool.manager_acquires

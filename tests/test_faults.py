@@ -395,3 +395,66 @@ def test_client_that_never_reads_is_dropped(manager: shmpool.ManagerProcess) -> 
         assert bytes(held.view) == _pattern("bystander", 5000)
         held.release()
         _healthy(manager, pool)
+
+
+# ------------------------------------------------------------ prefetch
+
+
+def test_a_prefetch_is_refused_at_once_and_recalls_nothing() -> None:
+    """``Acquire(wait=0)`` on a spent budget: an ``exhausted`` Error now, no park, no Recall.
+
+    R1 holds every slot. R2's prefetch is refused at once; its ordinary
+    acquire then parks and recalls. The Recall R1 gets is the ordinary
+    acquire's (count 3): had the prefetch recalled, the first would carry
+    its count, 5. Once R1 returns slots, the parked acquire is served.
+    """
+    size = 64 << 10
+    with shmpool.start(min_size="64KiB", max_size="64KiB", memory="1MiB") as mgr:
+        with RawClient(mgr.address) as r1, RawClient(mgr.address) as r2:
+            r1.hello("holder")
+            r2.hello("prefetcher")
+            grant = r1.call(protocol.Acquire(r1.next_req(), size, 16))
+            assert isinstance(grant, protocol.Grant) and len(grant.slots) == 16
+
+            refused = r2.call(protocol.Acquire(r2.next_req(), size, 5, 0, 0))
+            assert isinstance(refused, protocol.Error) and refused.code == "exhausted"
+            req = r2.next_req()
+            r2.send_raw(protocol.encode(protocol.Acquire(req, size, 3)))  # parks
+            recall = r1.receive()
+            assert isinstance(recall, protocol.Recall)
+            assert (recall.slot_size, recall.count) == (size, 3)
+
+            r1.send_raw(protocol.encode(protocol.Return(r1.next_req(), grant.slots[:3])))
+            served = r2.receive()
+            assert isinstance(served, protocol.Grant) and served.req == req
+            assert {tuple(s)[:2] for s in served.slots} <= {tuple(s)[:2] for s in grant.slots}
+        assert_balanced(mgr.stats())
+
+
+def test_a_prefetch_answer_never_lands_on_a_closed_or_trimmed_pool() -> None:
+    """A hot class has a prefetch on its way; ``trim()`` takes its answer and returns it too.
+
+    And a pool closed with a prefetch unanswered leaves nothing leased.
+    """
+    size = 64 << 10
+    with shmpool.start(min_size="64KiB", max_size="64KiB", memory="64MiB") as mgr:
+        pool = shmpool.Pool(mgr.address, name="hot", idle_timeout=None)
+        leases = []
+        while not pool._prefetching:
+            leases.append(pool.acquire(size))
+        for lease in leases:
+            lease.release()
+        leases.clear()
+        pool.trim()
+        assert not pool._prefetching
+        assert not any(pool._caches)
+        stats = pool.stats()
+        assert _clients_named(mgr, "hot")[0]["leased"] == 0
+        assert_balanced(stats)
+
+        while not pool._prefetching:
+            leases.append(pool.acquire(size))
+        pool.close()
+        leases.clear()
+        wait_for(lambda: not _clients_named(mgr, "hot"))
+        assert sum(c["leased"] for c in mgr.stats()["classes"]) == 0

@@ -58,6 +58,7 @@ SAMPLES: list[Any] = [
     Acquire(1, 1),
     Acquire(2, 4096, 32, 17),
     Acquire(MAX_ID, MAX_BUFFER, MAX_BATCH, MAX_ID),
+    Acquire(3, 4096, 8, 0, 0),
     Release(3, (SlotRef(1, 0, 1),)),
     Release(4, [SlotRef(i, i, MAX_ID) for i in range(MAX_BATCH)], 99),
     Return(14, (SlotRef(1, 0, 1),)),
@@ -184,6 +185,9 @@ BAD_CONSTRUCTIONS: list[tuple[str, Any, tuple[Any, ...], type[Exception]]] = [
     ("acquire count bool", Acquire, (0, 1, True), TypeError),
     ("acquire hits negative", Acquire, (0, 1, 1, -1), ValueError),
     ("acquire hits too big", Acquire, (0, 1, 1, 2**63), ValueError),
+    ("acquire wait 2", Acquire, (0, 1, 1, 0, 2), ValueError),
+    ("acquire wait negative", Acquire, (0, 1, 1, 0, -1), ValueError),
+    ("acquire wait bool", Acquire, (0, 1, 1, 0, False), TypeError),
     ("release no slots", Release, (0, []), ValueError),
     ("release empty tuple", Release, (0, ()), ValueError),
     ("release too many", Release, (0, [_SLOT] * (MAX_BATCH + 1)), ValueError),
@@ -661,6 +665,7 @@ def test_raw_encoders_match_the_checked_ones() -> None:
     flat = [p.NOTICE_DETACHED, 1, 2, 3, 99, p.NOTICE_CLAIMED, 1, 2, 4, 99]
     pairs = [
         (p.encode_acquire(5, 4096, 8, 3), Acquire(5, 4096, 8, 3)),
+        (p.encode_acquire(6, 4096, 8, 3, 0), Acquire(6, 4096, 8, 3, 0)),
         (p.encode_return(6, slots, 4), Return(6, slots, 4)),
         (p.encode_grant(7, 4096, slots, segs), Grant(7, 4096, slots, segs)),
         (p.encode_notices(8, flat), p.Notices(8, flat)),
