@@ -924,6 +924,74 @@ done:
     return result;
 }
 
+/* Pool._granted's loop: a _Slot for each granted SlotRef, over its segment's
+ * mapping. None if a slot does not lie inside a segment mapped here (the
+ * Python loop then raises, saying which). */
+static PyObject *
+carve(PyObject *module, PyObject *args)
+{
+    PyObject *segments, *home, *refs;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "O!nOO!", &PyDict_Type, &segments, &size, &home, &PyTuple_Type,
+                          &refs))
+        return NULL;
+    if (SlotType == NULL || off_slot_ref < 0 || size <= 0)
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyTuple_GET_SIZE(refs);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    PyObject *seg = NULL, *view = NULL, *last = NULL; /* the segment of the previous slot */
+    Py_ssize_t header = 0, length = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *ref = PyTuple_GET_ITEM(refs, i);
+        if (!PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) != 3)
+            goto none;
+        PyObject *segment = PyTuple_GET_ITEM(ref, 0);
+        Py_ssize_t index = natural(PyTuple_GET_ITEM(ref, 1));
+        if (index < 0)
+            goto none;
+        if (last == NULL || PyObject_RichCompareBool(segment, last, Py_EQ) != 1) {
+            Py_CLEAR(view);
+            if (PyErr_Occurred())
+                goto fail;
+            seg = PyDict_GetItemWithError(segments, segment); /* borrowed */
+            if (seg == NULL) {
+                if (PyErr_Occurred())
+                    goto fail;
+                goto none;
+            }
+            if (attr_ssize(seg, s_header, &header) < 0 || (view = PyObject_GetAttr(seg, s_view)) == NULL ||
+                (length = PyObject_Length(view)) < 0)
+                goto fail;
+            last = segment;
+        }
+        if (length - header < size || index > (length - header - size) / size)
+            goto none;
+        Py_ssize_t offset = header + index * size;
+        PyObject *whole = PySequence_GetSlice(view, offset, offset + size);
+        if (whole == NULL)
+            goto fail;
+        PyObject *slot = new_slot(ref, whole, size, home);
+        Py_DECREF(whole);
+        if (slot == NULL || PyList_Append(out, slot) < 0) {
+            Py_XDECREF(slot);
+            goto fail;
+        }
+        Py_DECREF(slot);
+    }
+    Py_XDECREF(view);
+    return out;
+none:
+    Py_XDECREF(view);
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(view);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyObject *
 configure_handoff(PyObject *module, PyObject *args)
 {
@@ -967,6 +1035,7 @@ static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS, "configure(LeaseClosedError, _Slot, _Cache)"},
     {"configure_handoff", configure_handoff, METH_VARARGS,
      "configure_handoff(SlotRef, Lease, notice_batch)"},
+    {"carve", carve, METH_VARARGS, "carve(segments, slot_size, home, refs) -> [_Slot] or None"},
     {"take", take, METH_VARARGS, "take(pool, fields) -> Lease or None (Pool._take)"},
     {"hand_off", hand_off, METH_VARARGS, "hand_off(pool, lease) -> fields or None (Pool._hand_off)"},
     {NULL},

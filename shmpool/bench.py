@@ -375,19 +375,23 @@ class _Handoff:
 # -------------------------------------------------------------- the runner
 
 
-def _calibrate(loop: Loop, target_ns: int, min_iters: int = 1) -> int:
+def _calibrate(loop: Loop, target_ns: int, min_iters: int = 1, warm_ns: int = 0) -> int:
     """Iterations that make one trial last about ``target_ns`` (at least ``min_iters``).
 
-    The case is measured in its steady state. A first call of ``min_iters``
-    warms it up (first-time mappings); then the count grows until a call
-    lasts a quarter of the target. A case whose first calls are slow (a
-    16 MiB handoff makes its segments, and fills caches, over its first
-    hundred messages) would be timed by its warm-up alone, so the count is
-    taken again from a full-length call, which also lets caches and size
-    classes grow to what the case needs: no trial pays for segments being
-    made.
+    The case is measured in its steady state. Calls of ``min_iters`` warm it
+    up (first-time mappings) for at least ``warm_ns``; then the count grows
+    until a call lasts a quarter of the target. A case whose first calls
+    are slow (a handoff makes its segments and fills its caches and
+    prefetches over its first few hundred messages: at 1 MiB, a 4 MiB
+    segment every four slots) would be timed by its warm-up alone, so the
+    count is taken again from a full-length call, which also lets caches
+    and size classes grow to what the case needs: no trial pays for
+    segments being made.
     """
+    deadline = _perf() + warm_ns
     loop(min_iters)
+    while _perf() < deadline:
+        loop(min_iters)
     iters = min_iters
     while True:
         elapsed = max(1, loop(iters))
@@ -405,8 +409,12 @@ def _measure(
     trials: int,
     target_ns: int,
     min_iters: Callable[[str], int] = lambda case: 1,
+    warm_ns: Callable[[str], int] = lambda case: 0,
 ) -> dict[Any, list[float]]:
-    iters = {key: _calibrate(loop, target_ns, min_iters(key[0])) for key, loop in cases.items()}
+    iters = {
+        key: _calibrate(loop, target_ns, min_iters(key[0]), warm_ns(key[0]))
+        for key, loop in cases.items()
+    }
     samples: dict[Any, list[float]] = {key: [] for key in cases}
     order = list(cases)
     rng = random.Random(1)
@@ -499,7 +507,11 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
                 # A handoff trial must keep the window full: one message alone
                 # measures a round trip's latency, not the stream's rate.
                 samples = _measure(
-                    cases, trials, target_ns, lambda case: 8 * WINDOW if "handoff" in case else 1
+                    cases,
+                    trials,
+                    target_ns,
+                    lambda case: 8 * WINDOW if "handoff" in case else 1,
+                    lambda case: 10 * target_ns if "handoff" in case else 0,
                 )
             finally:
                 for h in handoffs:

@@ -383,9 +383,14 @@ class Pool:
             _close_fds(fds)
             raise self._gone(ProtocolError(f"expected a Grant, got {type(reply).__name__}"))
         self._map(reply.segments, fds)
-        slots = []
         size = reply.slot_size
         segments = self._segments
+        if _speedups is not None:  # the loop below in C; None if a slot lies outside
+            carved: list[_Slot] | None = _speedups.carve(segments, size, home, reply.slots)
+            if carved is not None:
+                self.manager_acquires += len(carved)
+                return carved
+        slots = []
         for ref in reply.slots:
             seg = segments.get(ref.segment)
             offset = (seg.header if seg is not None else 0) + ref.index * size
