@@ -219,7 +219,16 @@ class Pool:
             fast.hits = 0
 
     def _activity(self) -> int:
-        """How many acquires this process made (cheap: for idle detection)."""
+        """A count that moves whenever this process uses the pool (cheap: for idle detection).
+
+        Acquires, and messages sent: a process that only receives leases
+        handed over and releases them acquires nothing, yet it is busy, and
+        it sends their notices and returns their slots.
+        """
+        return self._acquired() + self.messages
+
+    def _acquired(self) -> int:
+        """How many acquires this process made."""
         fast = self.__dict__.get("acquire")
         return self._acquires + (fast.hits if fast is not None else 0)
 
@@ -703,7 +712,7 @@ class Pool:
     @property
     def cache_hits(self) -> int:
         """Acquires served from this process's cache since connecting."""
-        return max(0, self._activity() - self._misses)
+        return max(0, self._acquired() - self._misses)
 
     def stats(self) -> dict[str, Any]:
         """The manager's statistics, plus this process's in ``"local"``.

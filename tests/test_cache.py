@@ -520,6 +520,37 @@ def test_idle_cache_goes_back_by_itself(manager: shmpool.ManagerProcess) -> None
         assert idle.manager_acquires - acquires == 4
 
 
+def test_a_consumer_busy_with_handoffs_is_not_idle(manager: shmpool.ManagerProcess) -> None:
+    """A pool that only takes handed-over leases and releases them acquires nothing.
+
+    It is busy all the same: its cache and its grown batch stay while leases
+    keep coming, and go back once they stop.
+    """
+    size = 64 << 10
+    with (
+        shmpool.Pool(manager.address, name="producer", idle_timeout=None) as producer,
+        shmpool.Pool(manager.address, name="consumer", idle_timeout=0.3) as consumer,
+    ):
+        i = _index(consumer, size)
+        consumer.attach(producer.acquire(size).detach()).release()  # maps the segment
+        returned = []
+        real = consumer._return_idle
+        consumer._return_idle = lambda: returned.append(real()) or returned[-1]  # type: ignore[method-assign]
+        deadline = time.monotonic() + 1.5  # five idle timeouts
+        while time.monotonic() < deadline:
+            for _ in range(50):
+                consumer.attach(producer.acquire(size).detach()).release()
+        assert consumer._acquires + consumer.cache_hits == 0  # it never acquired
+        assert not any(returned), returned
+        assert consumer._batch[i] > 4  # its trims made the class hot, and it stayed so
+        assert consumer._caches[i]
+
+        wait_for(lambda: any(returned), timeout=10)  # now idle: the cache goes back
+        assert not consumer._caches[i]
+        assert consumer._batch[i] == 4
+        assert_balanced(producer.stats())
+
+
 # ------------------------------------------------------------ crash
 
 
