@@ -7,6 +7,7 @@ can import them; the manager's address is always passed explicitly.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import signal
 import time
@@ -262,6 +263,49 @@ def test_a_hot_refill_takes_the_batch_asked_ahead(
         for lease in leases:
             lease.release()
         assert_balanced(pool.stats())
+
+
+def _acquire_in_child(pool: shmpool.Pool, size: int, out: Any) -> None:
+    lease = pool.acquire(size)  # the first use after the fork: a connection of its own
+    lease.view[:4] = b"mine"
+    out.put((bytes(lease.view[:4]), list(pool._prefetching.values()), os.getpid()))
+    lease.release()
+    pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_with_a_prefetch_in_flight(manager: shmpool.ManagerProcess) -> None:
+    """The answer to the parent's prefetch is the parent's alone.
+
+    The child starts from an empty cache on its own connection; the parent
+    still takes its answer at its next refill, without asking again.
+    """
+    size = 4096
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    with shmpool.Pool(manager.address, name="parent", idle_timeout=None) as pool:
+        i = _index(pool, size)
+        leases = []
+        while not pool._prefetching:
+            leases.append(pool.acquire(size))
+        child = ctx.Process(target=_acquire_in_child, args=(pool, size, out))
+        child.start()
+        data, prefetching, pid = out.get(timeout=MP_TIMEOUT)
+        child.join(MP_TIMEOUT)
+        assert child.exitcode == 0
+        assert data == b"mine"
+        assert prefetching == []  # the parent's was dropped; its own first refill is cold
+        assert pid != os.getpid()
+
+        while pool._caches[i]:
+            leases.append(pool.acquire(size))
+        messages = pool.messages
+        leases.append(pool.acquire(size))
+        assert pool.messages == messages + 1  # the answer was waiting: only the next prefetch
+        for lease in leases:
+            lease.release()
+        wait_for(lambda: [c["name"] for c in pool.stats()["clients"]] == ["parent"])
+        assert_balanced(pool.stats())  # the child's connection is gone, and all it held
 
 
 # --------------------------------------------------------- high-water mark
