@@ -522,6 +522,13 @@ static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
     *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_token, *s_instance;
 
+/* protocol.ticket_word: the token mixed with the handle's generation. */
+static uint64_t
+ticket_word(uint64_t token, uint64_t generation)
+{
+    return token ^ ((generation * 0x9E3779B97F4A7C15ULL) & 0x7FFFFFFFFFFFFFFFULL);
+}
+
 #define NOTICE_DETACHED 0
 #define NOTICE_CLAIMED 1
 #define NOTICE_WORDS 5
@@ -781,7 +788,7 @@ take(PyObject *module, PyObject *args)
     /* the lock is held from here to the end of this block */
     int ok = pool_connected(pool);
     if (ok > 0)
-        ok = ticket_cas(tickets, idx, tok, claimed);
+        ok = ticket_cas(tickets, idx, ticket_word(tok, gen), claimed);
     if (ok > 0) {
         PyObject *triple = PyTuple_Pack(3, segment, index, generation);
         PyObject *arg = triple ? PyTuple_Pack(1, triple) : NULL;
@@ -890,7 +897,8 @@ hand_off(PyObject *module, PyObject *args)
         if (token == NULL || (tok == (unsigned long long)-1 && PyErr_Occurred()))
             ok = -1;
         else
-            ok = ticket_cas(tickets, idx, 0, tok);
+            ok = ticket_cas(tickets, idx, 0,
+                            ticket_word(tok, PyLong_AsUnsignedLongLongMask(generation) + 1));
     }
     if (ok > 0) {
         PyObject *instance = PyObject_GetAttr(pool, s_instance);

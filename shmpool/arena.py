@@ -39,6 +39,7 @@ from .protocol import (
     SlotRef,
     claim_word,
     claimer_of,
+    ticket_word,
     token_maker,
 )
 from .sizeclass import Classes, format_size
@@ -280,7 +281,7 @@ class Arena:
             c.known.discard(seg.id)  # the client unmaps a detached oversize segment
         self._transit[(seg.id, index)] = (token, deadline)
         if seg.header:  # a sender without atomics leaves the word at 0: publish for it
-            self._ticket_cas(seg, index, 0, token)
+            self._ticket_cas(seg, index, 0, ticket_word(token, seg.generations[index]))
 
     def share(self, conn: int, ref: SlotRef, token: int, readers: int, deadline: float) -> SlotRef:
         """Publish a slot of ``conn`` to ``readers`` attaches, read-only.
@@ -351,7 +352,8 @@ class Arena:
                 f"handle for slot {ref.segment}:{ref.index} is stale: it was attached "
                 "already, its transit time ran out, or it is forged"
             )
-        if seg.header and not self._ticket_cas(seg, ref.index, entry[0], 0):
+        word = ticket_word(entry[0], ref.generation)
+        if seg.header and not self._ticket_cas(seg, ref.index, word, 0):
             raise StaleHandleError(f"handle for slot {ref.segment}:{ref.index} was claimed already")
         del self._transit[key]
         if seg.cls is not None:
@@ -389,7 +391,8 @@ class Arena:
             claimer.known.add(seg.id)
             self._ticket_cas(seg, index, value, 0)
             return True
-        self._put_in_transit(seg, index, c, value, deadline)  # the handle may be on its way
+        token = value ^ ticket_word(0, seg.generations[index] + 1)  # the word's token
+        self._put_in_transit(seg, index, c, token, deadline)  # the handle may be on its way
         return True
 
     def claim(self, conn: int, ref: SlotRef, token: int, deadline: float = 0.0) -> None:
@@ -471,7 +474,8 @@ class Arena:
                     cls.in_transit += 1
                     transit[key] = (token, deadline)
                     if cas is not None and seg.header:  # type: ignore[union-attr]
-                        cas(seg.backing.tickets, 8 * index, 0, token)  # type: ignore[union-attr]
+                        word = ticket_word(token, generation + 1)
+                        cas(seg.backing.tickets, 8 * index, 0, word)  # type: ignore[union-attr]
                 else:
                     self.detach(conn, SlotRef(segment, index, generation), token, deadline)
                 continue
@@ -536,7 +540,7 @@ class Arena:
     def _expire_ticket(self, seg: Segment, index: int, now: float) -> bool:
         """Take a late slot's ticket back; False if a live claimer's notice is on its way."""
         token, _ = self._transit[(seg.id, index)]
-        if self._ticket_cas(seg, index, token, 0):
+        if self._ticket_cas(seg, index, ticket_word(token, seg.generations[index]), 0):
             return True
         value = self._ticket_load(seg, index)
         if value & CLAIMED and claimer_of(value) in self._conns:

@@ -761,9 +761,10 @@ class Pool:
             token = self._token(segment, index, generation + 1)
             seg = self._segments.get(segment)
             tickets = seg.tickets if seg is not None and self._tickets_on else None
+            word = p.ticket_word(token, generation + 1)
             # the word of a slot we hold is 0, or our own claim not cleared yet
-            published = (tickets is not None and _speedups.cas64(tickets, 8 * index, 0, token)) or (
-                self._publish_ticket(ref, token)  # may raise: the lease stays ours
+            published = (tickets is not None and _speedups.cas64(tickets, 8 * index, 0, word)) or (
+                self._publish_ticket(ref, word)  # may raise: the lease stays ours
             )
             lease._disown()
             if readers:
@@ -792,8 +793,10 @@ class Pool:
                 return fields
         return tuple(self._detach(lease))
 
-    def _publish_ticket(self, ref: p.SlotRef, token: int) -> bool:
-        """Put ``token`` in the slot's ticket word, so a receiver can claim it there.
+    def _publish_ticket(self, ref: p.SlotRef, word: int) -> bool:
+        """Put ``word`` (``ticket_word`` of the handle) in the slot's ticket word.
+
+        A receiver can then claim the slot there.
 
         The word holds 0, or our own claim of it (by a handle of the slot's
         generation) that the manager has not cleared yet.
@@ -808,7 +811,7 @@ class Pool:
             current = _speedups.load64(seg.tickets, offset)
             if current not in (0, ours):
                 raise UsageError(f"slot {ref.segment}:{ref.index} is not ours to hand on")
-            if _speedups.cas64(seg.tickets, offset, current, token):
+            if _speedups.cas64(seg.tickets, offset, current, word):
                 return True
         raise UsageError(f"the ticket of slot {ref.segment}:{ref.index} keeps changing")
 
@@ -819,7 +822,8 @@ class Pool:
         process has not mapped, a share); the caller then asks the manager.
 
         Raises:
-            StaleHandleError: the word does not hold the handle's token.
+            StaleHandleError: the word does not hold the handle's token and
+                generation.
         """
         _, segment, index, generation, token, length, capacity, readers = handle
         seg = self._segments.get(segment)
@@ -835,7 +839,8 @@ class Pool:
             if self._sock is None or self._pid != os.getpid() or self._closed or self._broken:
                 self._ensure_connection()  # our own connection (after a fork: a new one) first
             claimed = p.claim_word(self.client_id, generation)
-            if not _speedups.cas64(seg.tickets, 8 * index, token, claimed):
+            word = p.ticket_word(token, generation)
+            if not _speedups.cas64(seg.tickets, 8 * index, word, claimed):
                 if _speedups.load64(seg.tickets, 8 * index) == 0:
                     return None  # not published (yet): let the manager decide
                 raise StaleHandleError("this handle is stale: attached already, expired, or forged")

@@ -70,6 +70,7 @@ __all__ = [
     "decode",
     "encode",
     "ticket_token",
+    "ticket_word",
     "token_maker",
 ]
 
@@ -420,6 +421,23 @@ def claim_word(client_id: int, generation: int) -> int:
     slot by the same client. Client ids stay below 2**32.
     """
     return CLAIMED | (generation & 0x7FFF_FFFF) << 32 | (client_id & _LOW32)
+
+
+#: An odd 64-bit constant: ``ticket_word`` mixes the generation with it.
+_MIX = 0x9E37_79B9_7F4A_7C15
+
+
+def ticket_word(token: int, generation: int) -> int:
+    """The ticket word that publishes a handle of ``generation`` under ``token``.
+
+    The token mixed with the generation, so that the word matches only a
+    handle that names both: a receiver whose handle carries the genuine
+    token beside a changed generation finds a word that does not match, and
+    the handle is stale for it. Bit 63 stays clear (it marks claims); for
+    a given generation each token has its own word, so the manager can
+    recover the token from a word it reads.
+    """
+    return token ^ (generation * _MIX & MAX_ID)
 
 
 def claimer_of(word: int) -> int:

@@ -23,6 +23,7 @@ from shmpool.protocol import (
     claim_word,
     decode,
     encode,
+    ticket_word,
     token_maker,
 )
 from shmpool.sizeclass import Classes
@@ -907,13 +908,13 @@ def test_notices_in_a_batch_move_the_books_as_one_by_one(seed: int) -> None:
             for a in (fast, slow):  # the word holds 0, or our claim not cleared yet
                 words = word(a, ref)
                 assert words[ref.index] in (0, claim_word(conn, ref.generation))
-                words[ref.index] = token
+                words[ref.index] = ticket_word(token, ref.generation + 1)
             queued[conn] += [NOTICE_DETACHED, *ref, token]
             handles.append((SlotRef(ref.segment, ref.index, ref.generation + 1), token))
         elif step < 0.7 and handles:
             ref, token = handles.pop(rng.randrange(len(handles)))
             for a in (fast, slow):
-                assert word(a, ref)[ref.index] == token
+                assert word(a, ref)[ref.index] == ticket_word(token, ref.generation)
                 word(a, ref)[ref.index] = claim_word(conn, ref.generation)
             queued[conn] += [NOTICE_CLAIMED, *ref, token]
             held[conn].append(ref)

@@ -673,3 +673,15 @@ def test_raw_encoders_match_the_checked_ones() -> None:
     for raw, message in pairs:
         assert raw == encode(message)
         assert decode(raw) == message
+
+
+def test_ticket_word_mixes_the_generation_and_gives_back_the_token() -> None:
+    rng = random.Random(7)
+    for _ in range(2000):
+        token = rng.randrange(1, 2**63)
+        generation = rng.randrange(0, 2**40)
+        word = p.ticket_word(token, generation)
+        assert 0 <= word < 2**63  # never mistaken for a claim (bit 63)
+        assert word ^ p.ticket_word(0, generation) == token
+        assert word != p.ticket_word(token, generation + 1)
+        assert word != p.ticket_word(token, generation - 1 if generation else 1)

@@ -10,7 +10,7 @@ from conftest import assert_balanced, client_entries, wait_for
 
 import shmpool
 from shmpool import buffer, janitor
-from shmpool.protocol import claim_word
+from shmpool.protocol import claim_word, ticket_word
 
 pytestmark = pytest.mark.skipif(not buffer.SPEEDUPS, reason="ticket words need the C extension")
 
@@ -39,7 +39,7 @@ def test_the_manager_says_tickets_are_on(mgr: shmpool.ManagerProcess) -> None:
         assert pool._tickets_on
         lease = pool.acquire(SIZE)
         handle = lease.detach()
-        assert _ticket(pool, handle) == handle.token  # published before the handle left
+        assert _ticket(pool, handle) == ticket_word(handle.token, handle.generation)  # published
         pool.attach(handle).release()
 
 
@@ -168,7 +168,8 @@ def _claim_and_die(address: str, handle: shmpool.Handle, w: int) -> None:
         pool.acquire(SIZE).release()  # maps the segment the handle names
         seg = pool._segments[handle.segment]
         claimed = claim_word(pool.client_id, handle.generation)
-        ok = buffer._speedups.cas64(seg.tickets, 8 * handle.index, handle.token, claimed)
+        word = ticket_word(handle.token, handle.generation)
+        ok = buffer._speedups.cas64(seg.tickets, 8 * handle.index, word, claimed)
         os.write(w, b"1" if ok else b"0")
     finally:
         os._exit(0)  # no Claimed notice, no goodbye
@@ -200,7 +201,7 @@ def _handle_by_hand(pool: shmpool.Pool, lease: shmpool.Lease) -> shmpool.Handle:
     """What detach() does, minus the Detach message: publish a token, build a handle."""
     slot = lease._slot
     token = 0x5EED_1234_5678_9ABD
-    pool._publish_ticket(slot.ref, token)
+    pool._publish_ticket(slot.ref, ticket_word(token, slot.ref.generation + 1))
     lease._disown()
     ref = slot.ref
     return shmpool.Handle(
