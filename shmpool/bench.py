@@ -380,27 +380,29 @@ def _calibrate(loop: Loop, target_ns: int, min_iters: int = 1, warm_ns: int = 0)
 
     The case is measured in its steady state. Calls of ``min_iters`` warm it
     up (first-time mappings) for at least ``warm_ns``; then the count grows
-    until a call lasts a quarter of the target. A case whose first calls
-    are slow (a handoff makes its segments and fills its caches and
-    prefetches over its first few hundred messages: at 1 MiB, a 4 MiB
-    segment every four slots) would be timed by its warm-up alone, so the
-    count is taken again from a full-length call, which also lets caches
-    and size classes grow to what the case needs: no trial pays for
-    segments being made.
+    until a call lasts a quarter of the target, and is set from the fastest
+    rate seen, measured again on full-length calls. A handoff makes its
+    segments and grows its caches, batches and prefetches over its first few
+    hundred messages (at 1 MiB, a 4 MiB segment every four slots), and one
+    stalled call would otherwise set the count: a 1 MiB handoff was once
+    calibrated at 32 messages a trial, which timed a trial's start-up
+    rather than the stream.
     """
     deadline = _perf() + warm_ns
     loop(min_iters)
     while _perf() < deadline:
         loop(min_iters)
     iters = min_iters
+    best = float("inf")  # the fastest time per iteration seen
     while True:
         elapsed = max(1, loop(iters))
+        best = min(best, elapsed / iters)
         if elapsed >= target_ns // 4 or iters >= 1 << 22:
             break
         iters *= 4
-    for _ in range(2):
-        iters = max(min_iters, min(1 << 22, iters * target_ns // elapsed))
-        elapsed = max(1, loop(iters))
+    for _ in range(3):
+        iters = max(min_iters, min(1 << 22, int(target_ns / best)))
+        best = min(best, max(1, loop(iters)) / iters)
     return iters
 
 
