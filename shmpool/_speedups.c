@@ -1011,6 +1011,61 @@ fail:
     return NULL;
 }
 
+/* protocol._slots for the common case: a list (or tuple) of [segment, index,
+ * generation] lists (or SlotRefs) of exact ints in 0..2**63-1, as a tuple of
+ * `type` (SlotRef). None if anything is otherwise: the Python loop then
+ * raises, saying what. */
+static PyObject *
+slot_refs(PyObject *module, PyObject *args)
+{
+    PyObject *value, *type;
+    if (!PyArg_ParseTuple(args, "OO!", &value, &PyType_Type, &type))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "slot_refs(value, SlotRef): SlotRef must be a tuple type");
+        return NULL;
+    }
+    if (!PyList_CheckExact(value) && !PyTuple_CheckExact(value))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(value);
+    PyObject **items = PySequence_Fast_ITEMS(value);
+    PyObject *out = PyTuple_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = items[i];
+        PyObject **fields;
+        if (PyList_CheckExact(v) && PyList_GET_SIZE(v) == 3)
+            fields = ((PyListObject *)v)->ob_item;
+        else if (Py_TYPE(v) == (PyTypeObject *)type && PyTuple_GET_SIZE(v) == 3)
+            fields = ((PyTupleObject *)v)->ob_item;
+        else
+            goto none;
+        for (int k = 0; k < 3; k++) {
+            int overflow;
+            if (!PyLong_CheckExact(fields[k]))
+                goto none;
+            long long x = PyLong_AsLongLongAndOverflow(fields[k], &overflow);
+            if (overflow || x < 0) {
+                PyErr_Clear();
+                goto none;
+            }
+        }
+        PyObject *ref = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 3);
+        if (ref == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        for (int k = 0; k < 3; k++)
+            PyTuple_SET_ITEM(ref, k, Py_NewRef(fields[k]));
+        PyTuple_SET_ITEM(out, i, ref);
+    }
+    return out;
+none:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 configure_handoff(PyObject *module, PyObject *args)
 {
@@ -1055,6 +1110,7 @@ static PyMethodDef module_methods[] = {
     {"configure_handoff", configure_handoff, METH_VARARGS,
      "configure_handoff(SlotRef, Lease, notice_batch)"},
     {"carve", carve, METH_VARARGS, "carve(segments, slot_size, home, refs) -> [_Slot] or None"},
+    {"slot_refs", slot_refs, METH_VARARGS, "slot_refs(value, SlotRef) -> tuple or None"},
     {"take", take, METH_VARARGS, "take(pool, fields) -> Lease or None (Pool._take)"},
     {"hand_off", hand_off, METH_VARARGS, "hand_off(pool, lease) -> fields or None (Pool._hand_off)"},
     {NULL},

@@ -27,6 +27,8 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -36,6 +38,14 @@ import msgpack
 
 from .errors import ProtocolError
 from .sizeclass import MAX_SHIFT
+
+_slot_refs: Callable[[Any, type], Any] | None
+try:  # the C extension checks slot lists (see _slots); SHMPOOL_NO_SPEEDUPS turns it off
+    if os.environ.get("SHMPOOL_NO_SPEEDUPS", "0") not in ("", "0"):
+        raise ImportError("disabled by SHMPOOL_NO_SPEEDUPS")
+    _slot_refs = importlib.import_module("shmpool._speedups").slot_refs
+except ImportError:
+    _slot_refs = None
 
 __all__ = [
     "CLAIMED",
@@ -170,6 +180,10 @@ def _slots(value: Any, name: str, lo: int = 0) -> tuple[SlotRef, ...]:
         raise TypeError(f"{name} must be a list")
     if not lo <= len(value) <= MAX_BATCH:
         raise ValueError(f"{name} must hold {lo}..{MAX_BATCH} slots, not {len(value)}")
+    if _slot_refs is not None:  # the common case in C; None: the loop below says what is wrong
+        refs: tuple[SlotRef, ...] | None = _slot_refs(value, SlotRef)
+        if refs is not None:
+            return refs
     return tuple(SlotRef.from_wire(list(v) if type(v) is SlotRef else v) for v in value)
 
 
