@@ -608,6 +608,32 @@ lock_call(PyObject *lock, PyObject *name)
     return 0;
 }
 
+/* Release the pool's lock, keeping an exception already raised: -1 if the
+ * release itself failed. */
+static int
+unlock(PyObject *lock)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    int r = lock_call(lock, s_release);
+    if (et != NULL)
+        PyErr_Restore(et, ev, tb);
+    return r;
+}
+
+/* A new `type` (SlotRef, a tuple subclass) of the three given fields. */
+static PyObject *
+new_ref(PyTypeObject *type, PyObject *segment, PyObject *index, PyObject *generation)
+{
+    PyObject *ref = type->tp_alloc(type, 3);
+    if (ref != NULL) {
+        PyTuple_SET_ITEM(ref, 0, Py_NewRef(segment));
+        PyTuple_SET_ITEM(ref, 1, Py_NewRef(index));
+        PyTuple_SET_ITEM(ref, 2, Py_NewRef(generation));
+    }
+    return ref;
+}
+
 /* CAS a slot's ticket word: 1 swapped, 0 not, -1 error. */
 static int
 ticket_cas(PyObject *tickets, Py_ssize_t index, uint64_t expected, uint64_t desired)
@@ -801,11 +827,7 @@ take(PyObject *module, PyObject *args)
     if (ok > 0)
         ok = ticket_cas(tickets, idx, ticket_word(tok, gen), claimed);
     if (ok > 0) {
-        PyObject *triple = PyTuple_Pack(3, segment, index, generation);
-        PyObject *arg = triple ? PyTuple_Pack(1, triple) : NULL;
-        ref = arg ? PyTuple_Type.tp_new(SlotRefType, arg, NULL) : NULL;
-        Py_XDECREF(arg);
-        Py_XDECREF(triple);
+        ref = new_ref(SlotRefType, segment, index, generation);
         if (ref == NULL ||
             queue_notice(pool, NOTICE_CLAIMED, segment, index, generation, token) < 0)
             ok = -1;
@@ -819,15 +841,8 @@ take(PyObject *module, PyObject *args)
         if (home == NULL)
             ok = -1;
     }
-    {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        int unlocked = lock_call(lock, s_release);
-        if (et != NULL)
-            PyErr_Restore(et, ev, tb);
-        if (unlocked < 0 || ok < 0)
-            goto done;
-    }
+    if (unlock(lock) < 0 || ok < 0)
+        goto done;
     if (ok == 0) {
         result = Py_NewRef(Py_None);
         goto done;
@@ -923,17 +938,10 @@ hand_off(PyObject *module, PyObject *args)
             ok = -1;
         }
     }
-    {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        int unlocked = lock_call(lock, s_release);
-        if (et != NULL)
-            PyErr_Restore(et, ev, tb);
-        if (unlocked < 0)
-            Py_CLEAR(result);
-        else if (ok == 0)
-            result = Py_NewRef(Py_None);
-    }
+    if (unlock(lock) < 0)
+        Py_CLEAR(result);
+    else if (ok == 0)
+        result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(lock);
     Py_XDECREF(next);
@@ -1051,13 +1059,11 @@ slot_refs(PyObject *module, PyObject *args)
                 goto none;
             }
         }
-        PyObject *ref = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 3);
+        PyObject *ref = new_ref((PyTypeObject *)type, fields[0], fields[1], fields[2]);
         if (ref == NULL) {
             Py_DECREF(out);
             return NULL;
         }
-        for (int k = 0; k < 3; k++)
-            PyTuple_SET_ITEM(ref, k, Py_NewRef(fields[k]));
         PyTuple_SET_ITEM(out, i, ref);
     }
     return out;
