@@ -521,14 +521,18 @@ static Py_ssize_t notice_batch = 64;
 static PyObject *one; /* the int 1 */
 static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
-    *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_token, *s_instance;
+    *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_token, *s_instance,
+    *s_lent, *s_borrowed;
 
 /* protocol.ticket_word: the token mixed with the handle's generation. */
 static uint64_t
 ticket_word(uint64_t token, uint64_t generation)
 {
-    return token ^ ((generation * 0x9E3779B97F4A7C15ULL) & 0x7FFFFFFFFFFFFFFFULL);
+    return (token ^ (generation * 0x9E3779B97F4A7C15ULL)) & 0x3FFFFFFFFFFFFFFFULL;
 }
+
+/* protocol.LENT: the bit of a ticket word that a lender published. */
+#define LENT (1ULL << 62)
 
 #define NOTICE_DETACHED 0
 #define NOTICE_CLAIMED 1
@@ -823,16 +827,24 @@ take(PyObject *module, PyObject *args)
         goto done;
     }
     /* the lock is held from here to the end of this block */
-    int ok = pool_connected(pool);
-    if (ok > 0)
-        ok = ticket_cas(tickets, idx, ticket_word(tok, gen), claimed);
-    if (ok > 0) {
-        ref = new_ref(SlotRefType, segment, index, generation);
-        if (ref == NULL ||
-            queue_notice(pool, NOTICE_CLAIMED, segment, index, generation, token) < 0)
-            ok = -1;
+    int ok = pool_connected(pool), lent = 0;
+    if (ok > 0) { /* lent by its holder (the common case), or in the manager's keeping */
+        lent = ok = ticket_cas(tickets, idx, ticket_word(tok, gen) | LENT, claimed);
+        if (ok == 0)
+            ok = ticket_cas(tickets, idx, ticket_word(tok, gen), claimed);
     }
     if (ok > 0) {
+        ref = new_ref(SlotRefType, segment, index, generation);
+        if (ref == NULL)
+            ok = -1;
+        else if (lent > 0) { /* it goes back to its lender on release: Pool._borrowed */
+            if ((home = PyObject_GetAttr(pool, s_borrowed)) == NULL)
+                ok = -1;
+        }
+        else if (queue_notice(pool, NOTICE_CLAIMED, segment, index, generation, token) < 0)
+            ok = -1;
+    }
+    if (ok > 0 && home == NULL) {
         PyObject *caches = PyObject_GetAttr(pool, s_caches);
         int bits = 8 * (int)sizeof(unsigned long long) - __builtin_clzll((unsigned long long)capacity);
         Py_ssize_t cls = bits - 1 - min_shift;
@@ -924,7 +936,7 @@ hand_off(PyObject *module, PyObject *args)
             ok = -1;
         else
             ok = ticket_cas(tickets, idx, 0,
-                            ticket_word(tok, PyLong_AsUnsignedLongLongMask(generation) + 1));
+                            ticket_word(tok, PyLong_AsUnsignedLongLongMask(generation) + 1) | LENT);
     }
     if (ok > 0) {
         PyObject *instance = PyObject_GetAttr(pool, s_instance);
@@ -932,11 +944,15 @@ hand_off(PyObject *module, PyObject *args)
                                           length, capacity, 0)
                           : NULL;
         Py_XDECREF(instance);
-        if (result == NULL || lease_close_view(lease) < 0 ||
-            queue_notice(pool, NOTICE_DETACHED, segment, index, generation, token) < 0) {
+        PyObject *lent = result ? PyObject_GetAttr(pool, s_lent) : NULL;
+        if (lent == NULL || !PyList_CheckExact(lent) || lease_close_view(lease) < 0 ||
+            PyList_Append(lent, (PyObject *)slot) < 0) { /* the lender watches its word */
+            if (lent != NULL && !PyList_CheckExact(lent) && !PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "Pool._lent must be a list");
             Py_CLEAR(result);
             ok = -1;
         }
+        Py_XDECREF(lent);
     }
     if (unlock(lock) < 0)
         Py_CLEAR(result);
@@ -1072,6 +1088,38 @@ none:
     Py_RETURN_NONE;
 }
 
+/* find_words(buffer, count, mask, value): the indices i < count of the
+ * 64-bit words w of buffer with (w & mask) == value, read atomically. */
+static PyObject *
+find_words(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t count;
+    unsigned long long mask, value;
+    if (!PyArg_ParseTuple(args, "OnKK", &obj, &count, &mask, &value))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (count < 0 || count > view.len / 8 || ((uintptr_t)view.buf) % 8) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "count out of range, or the buffer is not aligned");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    const uint64_t *words = (const uint64_t *)view.buf;
+    for (Py_ssize_t i = 0; out != NULL && i < count; i++) {
+        if ((__atomic_load_n(&words[i], __ATOMIC_ACQUIRE) & mask) != value)
+            continue;
+        PyObject *n = PyLong_FromSsize_t(i);
+        if (n == NULL || PyList_Append(out, n) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(n);
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
 static PyObject *
 configure_handoff(PyObject *module, PyObject *args)
 {
@@ -1112,6 +1160,8 @@ static PyMethodDef module_methods[] = {
     {"cas64", cas64, METH_VARARGS, "cas64(buffer, offset, expected, new) -> bool (atomic)"},
     {"load64", load64, METH_VARARGS, "load64(buffer, offset) -> int (atomic)"},
     {"store64", store64, METH_VARARGS, "store64(buffer, offset, value) (atomic)"},
+    {"find_words", find_words, METH_VARARGS,
+     "find_words(buffer, count, mask, value) -> indices of words w with w & mask == value"},
     {"configure", configure, METH_VARARGS, "configure(LeaseClosedError, _Slot, _Cache)"},
     {"configure_handoff", configure_handoff, METH_VARARGS,
      "configure_handoff(SlotRef, Lease, notice_batch)"},
@@ -1159,6 +1209,8 @@ PyInit__speedups(void)
     INTERN(s_acquire, "acquire");
     INTERN(s_token, "_token");
     INTERN(s_instance, "manager_instance");
+    INTERN(s_lent, "_lent");
+    INTERN(s_borrowed, "_borrowed");
     if ((one = PyLong_FromLong(1)) == NULL)
         return NULL;
     reset_pid();

@@ -31,14 +31,18 @@ from typing import Any, Protocol
 from .errors import PoolExhaustedError, StaleHandleError
 from .protocol import (
     CLAIMED,
+    LENT,
     MAX_BATCH,
     MAX_FDS,
     NOTICE_DETACHED,
+    NOTICE_RETURNED,
     NOTICE_WORDS,
     SegmentInfo,
     SlotRef,
     claim_word,
     claimer_of,
+    generation_at_least,
+    returned_word,
     ticket_word,
     token_maker,
 )
@@ -52,6 +56,9 @@ DEFAULT_SEGMENT_BYTES = 4 << 20
 TRANSIT = -1
 #: The holder of a slot shared read-only by several clients.
 SHARED = -2
+#: The holder of a slot whose lender went while it was lent out (its word
+#: says where it is: in transit, claimed, or returned).
+ORPHAN = -3
 #: How much longer a late slot waits for a live claimer's notice.
 CLAIM_GRACE = 1.0
 #: Oversize segments are rounded up to whole pages, not to a power of two.
@@ -74,6 +81,8 @@ class TicketOps(Protocol):
     def load64(self, buffer: Any, offset: int) -> int: ...
 
     def store64(self, buffer: Any, offset: int, value: int) -> None: ...
+
+    # optional: find_words(buffer, count, mask, value) -> indices of matching words
 
 
 @dataclass(eq=False)
@@ -117,6 +126,7 @@ class _Conn:
     handed: dict[tuple[int, int], int] = field(default_factory=dict)
     # ticket_token with its key; None: its tokens are not checked (tests of the books)
     token: Callable[[int, int, int], int] | None = None
+    lends: bool = False  # it lends class slots by their words (no DETACHED notice)
     messages: int = 0
     manager_acquires: int = 0
     cache_hits: int = 0
@@ -140,6 +150,7 @@ class Grant:
     slots: list[SlotRef]
     segments: list[SegmentInfo]
     fds: list[int]
+    lent: bool = False  # the one slot is lent to the client: its word holds its claim
 
 
 class Arena:
@@ -171,14 +182,24 @@ class Arena:
         # (segment id, index) -> (token, deadline) for slots handed between clients
         self._transit: dict[tuple[int, int], tuple[int, float]] = {}
         self._shares: dict[tuple[int, int], _Share] = {}
+        # (segment id, index) -> [word seen, deadline, timeout] for ORPHAN slots
+        self._orphans: dict[tuple[int, int], list[Any]] = {}
 
     # ------------------------------------------------------------ connections
 
-    def add_conn(self, conn: int, pid: int, name: str = "", key: int = 0) -> None:
-        """Start the books of a connection; ``key`` derives its handles' tokens."""
+    def add_conn(
+        self, conn: int, pid: int, name: str = "", key: int = 0, *, lends: bool = False
+    ) -> None:
+        """Start the books of a connection; ``key`` derives its handles' tokens.
+
+        ``lends``: it hands class slots on by lending them (``lent_word``),
+        never by a notice, so a handle of its class slot that its word does
+        not back is stale (``_handed_on`` does not apply).
+        """
         if conn in self._conns or conn <= 0:
             raise ValueError(f"connection id {conn} is taken or invalid")
-        self._conns[conn] = _Conn(conn, pid, name, token=token_maker(key) if key else None)
+        token = token_maker(key) if key else None
+        self._conns[conn] = _Conn(conn, pid, name, token=token, lends=lends)
 
     def drop_conn(self, conn: int, now: float = 0.0, transit_timeout: float = 30.0) -> int:
         """Forget a connection and return every slot it held; returns how many.
@@ -193,8 +214,10 @@ class Arena:
         held = list(c.held)
         for seg_id, index in held:
             seg = self._segments[seg_id]
-            if not (seg.header and self._reconcile_dropped(seg, index, c, now + transit_timeout)):
+            if not (seg.header and self._reconcile_dropped(seg, index, c, now, transit_timeout)):
                 self._free(seg, index, c)
+        if self._tickets is not None:
+            self._return_borrowed(c)
         for key, share in list(self._shares.items()):
             if share.readers.pop(conn, 0):
                 self._settle_share(key)
@@ -257,6 +280,7 @@ class Arena:
         if (
             holder is None
             or holder.token is None
+            or (holder.lends and seg.cls is not None and self._tickets is not None)
             or seg.generations[index] != ref.generation - 1
             or not hmac.compare_digest(
                 _token_bytes(token), _token_bytes(holder.token(seg.id, index, ref.generation))
@@ -346,6 +370,10 @@ class Arena:
         seg = self._segments.get(ref.segment)
         if seg is not None and key in self._shares:
             return self._attach_shared(c, seg, ref, token)
+        if seg is not None and 0 <= ref.index < seg.nslots and ref.generation > 0:
+            lent = self._attach_lent(c, seg, ref, token)
+            if lent is not None:
+                return lent
         entry = self._matching_transit(seg, ref, token, deadline)
         if seg is None or entry is None:
             raise StaleHandleError(
@@ -374,26 +402,174 @@ class Arena:
         assert self._tickets is not None
         return self._tickets.load64(seg.backing.tickets, 8 * index)  # type: ignore[attr-defined]
 
-    def _reconcile_dropped(self, seg: Segment, index: int, c: _Conn, deadline: float) -> bool:
-        """A dropped holder's slot whose ticket says it was being handed on; True if kept."""
-        value = self._ticket_load(seg, index)
-        if value == 0:
-            return False
+    def _find_words(self, seg: Segment, mask: int, value: int) -> list[int]:
+        """Indices of ``seg``'s ticket words ``w`` with ``w & mask == value``."""
+        ops = self._tickets
+        assert ops is not None
+        find = getattr(ops, "find_words", None)
+        if find is not None:
+            return find(seg.backing.tickets, seg.nslots, mask, value)  # type: ignore[attr-defined,no-any-return]
+        tickets = seg.backing.tickets  # type: ignore[attr-defined]
+        return [i for i in range(seg.nslots) if ops.load64(tickets, 8 * i) & mask == value]
+
+    def _reconcile_dropped(
+        self, seg: Segment, index: int, c: _Conn, now: float, timeout: float
+    ) -> bool:
+        """A dropped holder's slot, by what its ticket word says; True if kept.
+
+        0 or returned: the slot is free. Claimed by a live client: it is that
+        client's now (it holds it, lent or handed on). A lender's ticket: an
+        orphan, in transit until ``now + timeout``, its word watched. The
+        manager's own ticket (a handoff it was told of): in transit.
+        """
         key = (seg.id, index)
-        if value & CLAIMED:
-            claimer = self._conns.get(claimer_of(value))
-            if claimer is None:
-                return False  # claimed by a client that is gone too
-            seg.holders[index] = claimer.id
-            seg.generations[index] += 1  # as the sender's notice would have
-            c.held.discard(key)
-            claimer.held.add(key)
-            claimer.known.add(seg.id)
-            self._ticket_cas(seg, index, value, 0)
+        for _ in range(8):  # the word may move while we look: a borrower acts meanwhile
+            value = self._ticket_load(seg, index)
+            if value == 0:
+                return False
+            if value & CLAIMED:
+                claimer = self._conns.get(claimer_of(value)) if claimer_of(value) else None
+                if not self._ticket_cas(seg, index, value, 0):
+                    continue
+                if claimer is None:
+                    return False  # returned, or claimed by a client that is gone too
+                c.held.discard(key)
+                low = value >> 32 & 0x7FFF_FFFF
+                self._give(seg, index, claimer, generation_at_least(low, seg.generations[index]))
+                return True
+            if value & LENT:
+                self._orphan(seg, index, c, value, now, timeout)
+                return True
+            token = value ^ ticket_word(0, seg.generations[index] + 1)  # the word's token
+            self._put_in_transit(seg, index, c, token, now + timeout)
             return True
-        token = value ^ ticket_word(0, seg.generations[index] + 1)  # the word's token
-        self._put_in_transit(seg, index, c, token, deadline)  # the handle may be on its way
+        self._orphan(seg, index, c, self._ticket_load(seg, index), now, timeout)
         return True
+
+    def _give(self, seg: Segment, index: int, c: _Conn, generation: int) -> None:
+        """Books: ``c`` holds the slot (leased or lent to it, or an orphan's claimer)."""
+        seg.holders[index] = c.id
+        seg.generations[index] = generation
+        c.held.add((seg.id, index))
+        c.known.add(seg.id)
+
+    def _orphan(
+        self, seg: Segment, index: int, c: _Conn, word: int, now: float, timeout: float
+    ) -> None:
+        """The lender ``c`` went while the slot was out: watch its word until it settles."""
+        seg.holders[index] = ORPHAN
+        c.held.discard((seg.id, index))
+        if seg.cls is not None:
+            seg.cls.leased -= 1
+            seg.cls.in_transit += 1
+        self._orphans[(seg.id, index)] = [word, now + timeout, timeout]
+
+    def _settle_orphans(self, now: float) -> int:
+        """Orphans whose words settled: claimed (to the claimer), returned or expired (freed).
+
+        Returns how many left the orphans.
+        """
+        settled = 0
+        for key, entry in list(self._orphans.items()):
+            seg = self._segments[key[0]]
+            index = key[1]
+            value = self._ticket_load(seg, index)
+            if value & CLAIMED:
+                claimer = self._conns.get(claimer_of(value)) if claimer_of(value) else None
+            elif value != entry[0] and value:
+                entry[0], entry[1] = value, now + entry[2]  # handed on: a new handle's time
+                continue
+            elif entry[1] > now and value:
+                continue
+            else:
+                claimer = None  # its handle expired
+            if not self._ticket_cas(seg, index, value, 0):
+                continue  # it moved: next time
+            del self._orphans[key]
+            settled += 1
+            if seg.cls is not None:
+                seg.cls.in_transit -= 1
+                seg.cls.leased += 1  # _free counts it out of leased; a claimer holds it
+            if claimer is None:
+                self._free(seg, index, None)
+            else:
+                low = value >> 32 & 0x7FFF_FFFF
+                self._give(seg, index, claimer, generation_at_least(low, seg.generations[index]))
+        return settled
+
+    def _return_borrowed(self, c: _Conn) -> None:
+        """The dropped client ``c`` held slots lent to it: back to their lenders.
+
+        Its claim in a word becomes ``returned_word``, which a live lender
+        takes back; an orphan's claim frees the slot.
+        """
+        mask, want = CLAIMED | 0xFFFF_FFFF, CLAIMED | c.id
+        for seg in list(self._segments.values()):
+            if not seg.header:
+                continue
+            for index in self._find_words(seg, mask, want):
+                value = self._ticket_load(seg, index)
+                if value & mask != want:
+                    continue
+                holder = seg.holders[index]
+                if holder > 0 and holder in self._conns:
+                    self._ticket_cas(seg, index, value, returned_word(value >> 32))
+                elif holder == ORPHAN:
+                    self._ticket_cas(seg, index, value, returned_word(value >> 32))
+                    self._settle_orphans(float("-inf"))  # frees it (returned), nothing else
+
+    def give_back(self, conn: int, ref: SlotRef) -> None:
+        """``conn`` lets go of a slot lent to it, for which the manager claimed it.
+
+        Its claim becomes ``returned_word``, which the lender takes back. If
+        the lender went meanwhile and the slot was given to ``conn``, it is
+        freed like a release.
+
+        Raises:
+            StaleHandleError: the slot is not lent to ``conn``.
+        """
+        c = self._conns[conn]
+        seg = self._segments.get(ref.segment)
+        if seg is None or not seg.header or not 0 <= ref.index < seg.nslots:
+            raise StaleHandleError(f"no slot {ref.segment}:{ref.index} is lent to this client")
+        claimed = claim_word(c.id, ref.generation)
+        if self._ticket_cas(seg, ref.index, claimed, returned_word(ref.generation)):
+            if seg.holders[ref.index] == ORPHAN:
+                self._settle_orphans(float("-inf"))  # its lender is gone: free it now
+            return
+        if seg.holders[ref.index] == c.id and seg.generations[ref.index] == ref.generation:
+            self._free(seg, ref.index, c)
+            return
+        raise StaleHandleError(f"slot {ref.segment}:{ref.index} is not lent to this client")
+
+    def _attach_lent(self, c: _Conn, seg: Segment, ref: SlotRef, token: int) -> Grant | None:
+        """``attach`` of a lent slot (or an orphan) whose word holds the handle's ticket.
+
+        The manager claims it for ``c`` (the client may lack the mapping, or
+        atomics): the books stay as they are, the lender keeps it, and the
+        client returns it by its word (or a ``NOTICE_RETURNED``).
+        """
+        index = ref.index
+        holder = seg.holders[index]
+        if not seg.header or not (holder == ORPHAN or holder in self._conns):
+            return None
+        lent = ticket_word(token, ref.generation) | LENT
+        if holder == ORPHAN:  # its lender is gone: the slot becomes the client's
+            if not self._ticket_cas(seg, index, lent, 0):
+                return None
+            del self._orphans[(seg.id, index)]
+            if seg.cls is not None:
+                seg.cls.in_transit -= 1  # _grant counts it leased
+            seg.generations[index] = ref.generation - 1  # _grant names the handle's
+            return self._grant(c, seg.slot_size, [(seg, index)])
+        if not self._ticket_cas(seg, index, lent, claim_word(c.id, ref.generation)):
+            return None
+        segments, fds = [], []
+        if seg.id not in c.known:
+            c.known.add(seg.id)
+            segments.append(seg.info())
+            fds.append(seg.backing.fd)
+        return Grant(seg.slot_size, [SlotRef(seg.id, index, ref.generation)], segments, fds, True)
 
     def claim(self, conn: int, ref: SlotRef, token: int, deadline: float = 0.0) -> None:
         """Record that ``conn`` took a slot in transit by its ticket (no Grant).
@@ -479,6 +655,9 @@ class Arena:
                 else:
                     self.detach(conn, SlotRef(segment, index, generation), token, deadline)
                 continue
+            if kind == NOTICE_RETURNED:
+                self.give_back(conn, SlotRef(segment, index, generation))
+                continue
             entry = transit.get(key)
             if (
                 entry is not None
@@ -516,10 +695,14 @@ class Arena:
         if seg is None or not 0 <= ref.index < seg.nslots:
             return False
         holder = seg.holders[ref.index]
+        c = self._conns.get(holder)
+        if c is not None and c.lends and seg.cls is not None and self._tickets is not None:
+            return False  # it lends class slots by their words: no notice will come
         return (holder > 0 or holder == TRANSIT) and seg.generations[ref.index] < ref.generation
 
     def expire_transit(self, now: float) -> int:
-        """Free slots whose transit deadline passed; returns how many."""
+        """Free slots whose transit deadline passed, settle orphans; returns how many."""
+        settled = self._settle_orphans(now) if self._orphans else 0
         lapsed = [key for key, sh in self._shares.items() if sh.pending and sh.deadline <= now]
         for key in lapsed:
             self._shares[key].pending = 0
@@ -535,7 +718,7 @@ class Arena:
                 seg.cls.in_transit -= 1
                 seg.cls.leased += 1  # _free counts it out of leased
             self._free(seg, index, None)
-        return len(late) + len(lapsed)
+        return len(late) + len(lapsed) + settled
 
     def _expire_ticket(self, seg: Segment, index: int, now: float) -> bool:
         """Take a late slot's ticket back; False if a live claimer's notice is on its way."""
@@ -550,15 +733,17 @@ class Arena:
 
     def next_deadline(self) -> float | None:
         """The earliest time a transit or a pending share attach lapses, if any."""
-        if not self._transit and not self._shares:
+        if not self._transit and not self._shares and not self._orphans:
             return None
         times = [deadline for _, deadline in self._transit.values()]
+        times += [entry[1] for entry in self._orphans.values()]
         times += [sh.deadline for sh in self._shares.values() if sh.pending]
         return min(times) if times else None
 
     def in_transit(self) -> int:
         """Slots waiting for an attach (in transit, or shared with attaches pending)."""
-        return len(self._transit) + sum(1 for sh in self._shares.values() if sh.pending)
+        pending = sum(1 for sh in self._shares.values() if sh.pending)
+        return len(self._transit) + len(self._orphans) + pending
 
     def note_message(self, conn: int, cache_hits: int | None = None) -> None:
         c = self._conns[conn]
@@ -602,7 +787,8 @@ class Arena:
 
     def transit_count(self, slot_size: int) -> int:
         """Slots of one class in transit (detached, not attached yet)."""
-        return self._classes[self._index(slot_size)].in_transit
+        cls = self._classes[self._index(slot_size)]
+        return cls.in_transit + self.lent_out(cls)
 
     def _index(self, slot_size: int) -> int:
         index = self.classes.index_of(slot_size)
@@ -678,18 +864,19 @@ class Arena:
                 or seg.cls is None
                 or not 0 <= index < len(seg.holders)
                 or seg.holders[index] != cid
-                or seg.generations[index] != generation
-            ):
+                or seg.generations[index] > generation
+                or (seg.generations[index] < generation and not (c.lends and seg.header))
+            ):  # a lender's newer generation stands: it lent the slot and took it back
                 return False
-            picked.append((seg, index))
-        keys = {(seg.id, index) for seg, index in picked}
+            picked.append((seg, index, generation))
+        keys = {(seg.id, index) for seg, index, _ in picked}
         if len(keys) != len(picked):
             return False
         held = c.held
         store = self._tickets.store64 if self._tickets is not None else None
-        for seg, index in picked:
+        for seg, index, generation in picked:
             seg.holders[index] = 0
-            seg.generations[index] += 1
+            seg.generations[index] = generation + 1
             if store is not None and seg.header:
                 store(seg.backing.tickets, 8 * index, 0)  # type: ignore[attr-defined]
             cls = seg.cls
@@ -714,11 +901,15 @@ class Arena:
             raise StaleHandleError(f"no slot {ref.segment}:{ref.index} exists in this manager")
         if seg.holders[ref.index] != c.id:
             raise StaleHandleError(f"slot {ref.segment}:{ref.index} is not leased to this client")
-        if seg.generations[ref.index] != ref.generation:
+        # A slot it lent out and took back has moved on some generations
+        # without us (``lent_word``): the lender's newer generation stands.
+        now = seg.generations[ref.index]
+        if now > ref.generation or (now < ref.generation and not (c.lends and seg.header)):
             raise StaleHandleError(
                 f"slot {ref.segment}:{ref.index} generation {ref.generation} is stale "
                 f"(now {seg.generations[ref.index]})"
             )
+        seg.generations[ref.index] = ref.generation
         return seg, ref.index
 
     def _take(self, cls: _Class, count: int, c: _Conn) -> list[tuple[Segment, int]]:
@@ -838,8 +1029,58 @@ class Arena:
 
     # ------------------------------------------------------------------- stats
 
+    def lent_out(self, cls: _Class) -> int:
+        """Slots of ``cls`` that live clients lent out and nobody has claimed yet.
+
+        The books count them leased to their lenders; their words say they
+        are in transit.
+        """
+        if self._tickets is None:
+            return 0
+        n = 0
+        conns = self._conns
+        for seg in cls.segments:
+            if seg.header:
+                found = self._find_words(seg, CLAIMED | LENT, LENT)
+                n += sum(1 for index in found if seg.holders[index] in conns)
+        return n
+
+    def _lent_census(self) -> dict[int, int]:
+        """Per client, slots lent to it minus slots it lent out (the books count neither).
+
+        A slot a live client lent out is, by its word, in transit (a
+        ticket, counted by ``lent_out``) or held by its claimer; a returned
+        one is back with its lender.
+        """
+        shift: dict[int, int] = {}
+        if self._tickets is None:
+            return shift
+        conns = self._conns
+        for seg in self._segments.values():
+            if not seg.header:
+                continue
+            for index in self._find_words(seg, CLAIMED | LENT, LENT):
+                holder = seg.holders[index]
+                if holder in conns:
+                    shift[holder] = shift.get(holder, 0) - 1
+            for index in self._find_words(seg, CLAIMED, CLAIMED):
+                holder = seg.holders[index]
+                claimer = claimer_of(self._ticket_load(seg, index))
+                if claimer == holder or claimer not in conns:
+                    continue  # returned, or claimed from itself, or by one gone
+                if holder in conns:
+                    shift[holder] = shift.get(holder, 0) - 1
+                    shift[claimer] = shift.get(claimer, 0) + 1
+                elif holder == ORPHAN:
+                    shift[claimer] = shift.get(claimer, 0) + 1
+        return shift
+
     def stats(self) -> dict[str, Any]:
-        """A JSON-able snapshot; per class ``total == free + leased``."""
+        """A JSON-able snapshot; per class ``total == free + leased + in_transit``."""
+        if self._orphans:
+            self._settle_orphans(float("-inf"))  # claimed or returned since: no expiry here
+        lent = [self.lent_out(cls) for cls in self._classes]
+        shift = self._lent_census()
         return {
             "classes": [
                 {
@@ -847,13 +1088,13 @@ class Arena:
                     "segments": len(cls.segments),
                     "total": cls.total,
                     "free": len(cls.free),
-                    "leased": cls.leased,
-                    "in_transit": cls.in_transit,
+                    "leased": cls.leased - out,
+                    "in_transit": cls.in_transit + out,
                 }
-                for cls in self._classes
+                for cls, out in zip(self._classes, lent, strict=True)
             ],
             "oversize": {"leases": self.oversize_leases, "bytes": self.oversize_bytes},
-            "in_transit": len(self._transit),
+            "in_transit": len(self._transit) + len(self._orphans) + sum(lent),
             "shared": len(self._shares),
             "mapped_bytes": self.mapped,
             "ticket_bytes": self.ticket_bytes,
@@ -865,7 +1106,7 @@ class Arena:
                     "id": c.id,
                     "pid": c.pid,
                     "name": c.name,
-                    "leased": len(c.held),
+                    "leased": len(c.held) + shift.get(c.id, 0),
                     "messages": c.messages,
                     "manager_acquires": c.manager_acquires,
                     "cache_hits": c.cache_hits,

@@ -58,6 +58,19 @@ class _SharedHome(_OversizeHome):
         self.pool._release_shared(slot)
 
 
+class _Borrowed(_OversizeHome):
+    """Where a slot lent by another process goes on release: back to its lender.
+
+    Its ticket word says so (``Pool._give_back``); the lender takes it back
+    into its cache. No message is sent.
+    """
+
+    __slots__ = ()
+
+    def append(self, slot: _Slot) -> None:
+        self.pool._give_back(slot)
+
+
 class _Slot:
     """A slot this process holds (in a Lease or in its local cache)."""
 
@@ -67,7 +80,7 @@ class _Slot:
         self.ref = ref
         self.view = view  # the whole slot; each Lease gets its own slice of it
         self.capacity = len(view)
-        self.home = home  # a _Cache, or an _OversizeHome
+        self.home = home  # a _Cache, or an _OversizeHome (or one of its kinds)
 
 
 class _PyLeaseBase:

@@ -40,7 +40,16 @@ from typing import Any
 from . import buffer as _buffer
 from . import protocol as p
 from .address import resolve
-from .buffer import Lease, _Cache, _new_lease, _OversizeHome, _SharedHome, _Slot, make_lease
+from .buffer import (
+    Lease,
+    _Borrowed,
+    _Cache,
+    _new_lease,
+    _OversizeHome,
+    _SharedHome,
+    _Slot,
+    make_lease,
+)
 from .errors import (
     AccessDeniedError,
     LeaseClosedError,
@@ -194,6 +203,7 @@ class Pool:
         self._claims: set[tuple[int, int]] = set()  # slots claimed in those notices
         # req of each prefetch Acquire not answered yet -> its class index
         self._prefetching: dict[int, int] = {}
+        self._transit_timeout = 30.0  # from the Welcome: how long a handle waits for its attach
         self._reset_counters()
         welcome = self._connect()
         self.manager_pid = welcome.manager_pid
@@ -240,6 +250,10 @@ class Pool:
         self._caches = [_Cache(self, i, 2 * b) for i, b in enumerate(self._batch)]
         self._oversize_home = _OversizeHome(self)
         self._shared_home = _SharedHome(self)
+        self._borrowed = _Borrowed(self)  # home of slots lent to us: they go back by word
+        self._lent: list[_Slot] = []  # slots we lent out, to take back when returned
+        # (segment, index) of a lent slot whose word holds a ticket -> (word, seen since)
+        self._lent_seen: dict[tuple[int, int], tuple[int, float]] = {}
         # Indexed by (size - 1).bit_length(): every size up to min_size maps to
         # class 0; sizes above max_size fall off the end (IndexError: slow path).
         # Entry 0 (size 1, and True, which equals 1) is a list that stays empty,
@@ -302,6 +316,8 @@ class Pool:
         with self._lock:
             cache = self._caches[index]
             if cache:  # another thread refilled while we waited
+                return cache.pop()  # type: ignore[no-any-return]
+            if self._lent and self._reclaim_lent() and cache:
                 return cache.pop()  # type: ignore[no-any-return]
             self._misses += 1
             hot = self._note_batch(index)
@@ -464,6 +480,8 @@ class Pool:
 
     def _on_recall(self, msg: p.Recall) -> None:
         """Another client is short of ``msg.slot_size`` slots: give ours back."""
+        if self._lent and self._live():
+            self._reclaim_lent()  # those returned to us go back too
         index = msg.slot_size.bit_length() - 1 - self._min_shift
         caches = self._caches_list()
         if 0 <= index < len(caches):
@@ -476,6 +494,8 @@ class Pool:
 
     def _return_idle(self) -> int:
         """Give back every cached slot (lock held): the process sits idle."""
+        if self._lent and self._live():
+            self._reclaim_lent()
         returned = 0
         for i, cache in enumerate(self._caches_list()):
             self._batch[i] = min(FIRST_BATCH, self._max_batch[i])
@@ -553,13 +573,15 @@ class Pool:
         self._sock = sock
         self._pid = os.getpid()
         self._broken = None
-        reply, fds = self._call(p.Hello(self._next_req(), p.VERSION, self._pid, self.name))
+        lends = int(_speedups is not None)
+        reply, fds = self._call(p.Hello(self._next_req(), p.VERSION, self._pid, self.name, lends))
         _close_fds(fds)
         if not isinstance(reply, p.Welcome):
             raise self._gone(ProtocolError(f"expected Welcome, got {type(reply).__name__}"))
         self.client_id = reply.client_id
         self._tickets_on = bool(reply.tickets) and _speedups is not None
         self._token = p.token_maker(reply.key)
+        self._transit_timeout = reply.transit_ms / 1000
         return reply
 
     def _ensure_connection(self) -> socket.socket:
@@ -609,7 +631,7 @@ class Pool:
         """
         notices = self._notices
         notices += (kind, *ref, token)
-        if kind:  # NOTICE_CLAIMED
+        if kind == p.NOTICE_CLAIMED:
             self._claims.add(ref[:2])
         elif urgent or ref[:2] in self._claims:
             self._flush_notices()
@@ -740,6 +762,13 @@ class Pool:
     def _detach(self, lease: Lease, readers: int = 0) -> Handle:
         slot = lease._slot
         home = slot.home
+        if type(home) is _Borrowed and home is self._borrowed:
+            if readers:
+                raise UsageError(
+                    "a lease handed to this process cannot be shared from here; share it "
+                    "where it was acquired, or copy it into a lease of this pool"
+                )
+            return self._hand_on(lease)
         with self._lock:
             if self._closed:
                 raise PoolClosedError("this pool was closed; its leases cannot be detached")
@@ -761,16 +790,25 @@ class Pool:
             token = self._token(segment, index, generation + 1)
             seg = self._segments.get(segment)
             tickets = seg.tickets if seg is not None and self._tickets_on else None
-            word = p.ticket_word(token, generation + 1)
+            # A class slot is lent: its word says so, and we watch it for its
+            # return (``_reclaim_lent``); the manager hears nothing. An
+            # oversize slot, or one without a word, goes in the manager's keeping.
+            lend = tickets is not None and not readers and type(home) is _Cache
+            word = p.lent_word(token, generation + 1)
+            if lend and ref[:2] in self._claims:
+                self._flush_notices()  # our claim of it goes first: the manager knows it ours
             # the word of a slot we hold is 0, or our own claim not cleared yet
-            published = (tickets is not None and _speedups.cas64(tickets, 8 * index, 0, word)) or (
-                self._publish_ticket(ref, word)  # may raise: the lease stays ours
+            published = lend and (
+                _speedups.cas64(tickets, 8 * index, 0, word)
+                or self._publish_ticket(ref, word)  # may raise: the lease stays ours
             )
             lease._disown()
             if readers:
                 self._send(p.encode(p.Share(self._next_req(), ref, token, readers)))
+            elif published:
+                self._lent.append(slot)
             else:
-                self._note(p.NOTICE_DETACHED, ref, token, urgent=not published)
+                self._note(p.NOTICE_DETACHED, ref, token, urgent=True)
             if slot.home is self._oversize_home:
                 self._unmap(ref.segment)  # its new holder maps it; we must not pin it
         return Handle(
@@ -791,7 +829,125 @@ class Pool:
             fields: tuple[int, ...] | None = _speedups.hand_off(self, lease)
             if fields is not None:
                 return fields
+        if type(lease._slot.home) is _Borrowed:
+            return tuple(self._hand_on(lease))
         return tuple(self._detach(lease))
+
+    def _hand_on(self, lease: Lease) -> Handle:
+        """``detach()`` of a lease lent to us: lend it on, by its word.
+
+        Its lender still holds it in the manager's books and takes it back
+        when the last borrower returns it.
+        """
+        slot = lease._slot
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("this pool was closed; its leases cannot be detached")
+            if slot.home is not self._borrowed or self._pid != os.getpid() or self._broken:
+                raise UsageError("this lease belongs to another process (or connection)")
+            view = lease._view
+            if view is None:
+                raise LeaseClosedError("this lease was released or detached already")
+            segment, index, generation = slot.ref
+            seg = self._segments.get(segment)
+            if not self._tickets_on or seg is None or seg.tickets is None:
+                raise UsageError(
+                    "a lease handed to this process can be handed on only with shmpool's C "
+                    "extension (this process runs without it); copy it into a lease of this pool"
+                )
+            token = self._token(segment, index, generation + 1)
+            claimed = p.claim_word(self.client_id, generation)
+            if not _speedups.cas64(
+                seg.tickets, 8 * index, claimed, p.lent_word(token, generation + 1)
+            ):
+                raise UsageError(f"slot {segment}:{index} is no longer ours to hand on")
+            length = len(view)
+            lease._disown()
+        return Handle(
+            self.manager_instance, segment, index, generation + 1, token, length,
+            slot.capacity, 0,
+        )  # fmt: skip
+
+    def _give_back(self, slot: _Slot) -> None:
+        """A lease lent to us was released: its slot goes back to its lender, by its word.
+
+        If the lender died meanwhile, the manager gave the slot to us (the
+        word is 0 then): it joins our cache like any slot of ours.
+        """
+        if slot.home is not self._borrowed or self._pid != os.getpid() or self._closed:
+            return  # lent to the connection this pool had before a fork or a reset
+        segment, index, generation = slot.ref
+        seg = self._segments.get(segment)
+        if not self._tickets_on or seg is None or seg.tickets is None:
+            with self._lock:  # no atomics here: the manager writes the word for us
+                if slot.home is self._borrowed and self._live():
+                    self._note(p.NOTICE_RETURNED, slot.ref, 0)
+            return
+        claimed = p.claim_word(self.client_id, generation)
+        if _speedups.cas64(seg.tickets, 8 * index, claimed, p.returned_word(generation)):
+            return
+        if _speedups.load64(seg.tickets, 8 * index) != 0:
+            log.warning("slot %d:%d changed hands while lent to this process", segment, index)
+            return
+        cls = slot.capacity.bit_length() - 1 - self._min_shift
+        cache = self._caches[max(0, cls)]
+        slot.home = cache
+        cache.append(slot)
+        if len(cache) > cache.high:
+            self._trim(cache)
+
+    def _reclaim_lent(self) -> int:
+        """Take back the lent slots whose borrowers returned them (lock held).
+
+        A lent slot whose word still holds the same ticket after the
+        transit timeout (its handle was never attached) is taken back too;
+        the handle is stale from then on. A word of 0 means the manager took
+        the slot over (attached through it, or its borrower died holding
+        it): it is no longer ours. Returns how many slots came back.
+        """
+        lent, self._lent = self._lent, []
+        seen = self._lent_seen
+        segments = self._segments
+        load, cas = _speedups.load64, _speedups.cas64
+        now = time.monotonic()
+        back = 0
+        for slot in lent:
+            segment, index, generation = slot.ref
+            home = slot.home
+            seg = segments.get(segment)
+            if seg is None or seg.tickets is None or type(home) is not _Cache:
+                continue
+            if self._caches[home.cls] is not home:
+                continue  # lent by the connection this pool had before a reset
+            word = load(seg.tickets, 8 * index)
+            key = (segment, index)
+            if word == 0:
+                seen.pop(key, None)
+                continue
+            if p.is_returned(word):
+                after = p.generation_at_least(word >> 32 & 0x7FFF_FFFF, generation + 1)
+            elif word >> 63:  # claimed: in use
+                self._lent.append(slot)
+                continue
+            else:  # a ticket, ours or a borrower's: is it waiting too long?
+                since = seen.get(key)
+                if since is None or since[0] != word:
+                    seen[key] = (word, now)
+                    self._lent.append(slot)
+                    continue
+                if now - since[1] < self._transit_timeout:
+                    self._lent.append(slot)
+                    continue
+                # Past every generation a handle of this lend may carry.
+                after = generation + 1 + (1 << 31)
+            if not cas(seg.tickets, 8 * index, word, 0):
+                self._lent.append(slot)  # it moved on meanwhile: look again next time
+                continue
+            seen.pop(key, None)
+            slot.ref = _new_ref(p.SlotRef, (segment, index, after))
+            home.append(slot)
+            back += 1
+        return back
 
     def _publish_ticket(self, ref: p.SlotRef, word: int) -> bool:
         """Put ``word`` (``ticket_word`` of the handle) in the slot's ticket word.
@@ -840,13 +996,17 @@ class Pool:
                 self._ensure_connection()  # our own connection (after a fork: a new one) first
             claimed = p.claim_word(self.client_id, generation)
             word = p.ticket_word(token, generation)
-            if not _speedups.cas64(seg.tickets, 8 * index, word, claimed):
-                if _speedups.load64(seg.tickets, 8 * index) == 0:
-                    return None  # not published (yet): let the manager decide
-                raise StaleHandleError("this handle is stale: attached already, expired, or forged")
             ref = _new_ref(p.SlotRef, (segment, index, generation))
-            self._note(p.NOTICE_CLAIMED, ref, token)
-            home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
+            home: Any = self._borrowed
+            if not _speedups.cas64(seg.tickets, 8 * index, word | p.LENT, claimed):
+                if not _speedups.cas64(seg.tickets, 8 * index, word, claimed):
+                    if _speedups.load64(seg.tickets, 8 * index) == 0:
+                        return None  # not published (yet): let the manager decide
+                    raise StaleHandleError(
+                        "this handle is stale: attached already, expired, or forged"
+                    )
+                self._note(p.NOTICE_CLAIMED, ref, token)  # in the manager's keeping
+                home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
         slot = _Slot(ref, seg.view[offset : offset + size], home)
         return make_lease(slot, min(length, size))
 
@@ -891,7 +1051,10 @@ class Pool:
                 home = self._oversize_home if oversize else self._caches[max(0, index)]
             ref = p.SlotRef(handle.segment, handle.index, handle.generation)
             req = self._next_req()
-            slots = self._grant(req, p.encode(p.Attach(req, ref, handle.token)), home)
+            reply, fds = self._roundtrip(req, p.encode(p.Attach(req, ref, handle.token)))
+            if isinstance(reply, p.Grant) and reply.lent and not handle.readers:
+                home = self._borrowed  # lent: it goes back to its lender on release
+            slots = self._granted(reply, fds, home)
         slot = slots[0]
         if handle.readers:
             slot.view = slot.view.toreadonly()
@@ -919,6 +1082,8 @@ class Pool:
                 return 0
             for req in list(self._prefetching):
                 self._await_prefetch(req)  # its slots are ours too: they go back as well
+            if self._lent:
+                self._reclaim_lent()  # and those lent out and returned since
             return sum(self._return(cache, 0) for cache in self._caches)
 
     @property
@@ -940,6 +1105,8 @@ class Pool:
             self._closed = True
             for cache in self._caches:
                 cache.clear()
+            self._lent.clear()  # the manager settles them by their words
+            self._lent_seen.clear()
             self._lookup = _Closed()
             fast = self.__dict__.get("acquire")
             if fast is not None:

@@ -23,7 +23,8 @@ JANITOR_PERIOD = 0.05
 
 
 class Janitor(threading.Thread):
-    """Per-pool daemon thread: answers recalls, sends handoff notices, returns an idle cache.
+    """Per-pool daemon thread: answers recalls, sends handoff notices, takes back
+    lent slots, returns an idle cache.
 
     Every ``JANITOR_PERIOD`` it looks, without blocking anyone, whether the
     manager spoke unasked (a Recall, or end-of-file when it died) and
@@ -65,6 +66,8 @@ class Janitor(threading.Thread):
                 pool._poll_manager()
                 if pool._notices:
                     pool._flush_notices()  # handoffs the manager has not heard of yet
+                if pool._lent:
+                    pool._reclaim_lent()  # lent slots returned, or whose handles expired
                 now = time.monotonic()
                 if pool._activity() != seen:
                     seen, idle_since = pool._activity(), now

@@ -580,7 +580,8 @@ class Manager:
     def _attach(self, peer: _Peer, msg: p.Attach) -> None:
         deadline = time.monotonic() + self.transit_timeout
         g = self.arena.attach(peer.id, msg.slot, msg.token, deadline)
-        self._send(peer, p.encode_grant(msg.req, g.slot_size, g.slots, g.segments), g.fds)
+        reply = p.encode_grant(msg.req, g.slot_size, g.slots, g.segments, g.lent)
+        self._send(peer, reply, g.fds)
 
     def _pause(self, peer: _Peer) -> None:
         """Stop reading from ``peer`` (its next messages may name the claimed slot)."""
@@ -666,7 +667,7 @@ class Manager:
         peer.welcomed = True
         peer.name = msg.name[:64]
         key = secrets.randbits(63) | 1  # never 0: 0 means "tokens not checked"
-        self.arena.add_conn(peer.id, peer.pid, peer.name, key)
+        self.arena.add_conn(peer.id, peer.pid, peer.name, key, lends=bool(msg.lends))
         welcome = p.Welcome(
             msg.req,
             p.VERSION,
@@ -677,6 +678,7 @@ class Manager:
             self.instance,
             int(self.tickets),
             key,
+            int(self.transit_timeout * 1000),
         )
         self._send(peer, p.encode(welcome))
 

@@ -49,12 +49,14 @@ except ImportError:
 
 __all__ = [
     "CLAIMED",
+    "LENT",
     "MAX_BATCH",
     "MAX_FDS",
     "MAX_REPLY",
     "MAX_REQUEST",
     "NOTICE_CLAIMED",
     "NOTICE_DETACHED",
+    "NOTICE_RETURNED",
     "NOTICE_WORDS",
     "VERSION",
     "Acquire",
@@ -79,12 +81,16 @@ __all__ = [
     "claimer_of",
     "decode",
     "encode",
+    "generation_at_least",
+    "is_returned",
+    "lent_word",
+    "returned_word",
     "ticket_token",
     "ticket_word",
     "token_maker",
 ]
 
-VERSION = 3
+VERSION = 4
 #: Largest request datagram a client may send (a full Release batch fits easily).
 MAX_REQUEST = 16 * 1024
 #: Largest reply datagram the manager sends (below the ~200 KiB SEQPACKET limit).
@@ -213,12 +219,14 @@ class Hello(_Message):
     version: int
     pid: int
     name: str = ""
+    lends: int = 0  # 1: it lends class slots by their ticket words (see ``lent_word``)
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
         _int(self.version, "version", 0, 2**16)
         _int(self.pid, "pid", 0, 2**31)
         _text(self.name, "name")
+        _int(self.lends, "lends", 0, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +344,10 @@ class Share(_SlotToken):
 NOTICE_DETACHED = 0
 #: ``Notice.kind``: the client took a handed-on slot by its ticket word.
 NOTICE_CLAIMED = 1
+#: ``Notice.kind``: the client lets go of a slot lent to it (the manager
+#: claimed it for the client, which has no atomics): the manager writes
+#: ``returned_word`` for it. The token is 0.
+NOTICE_RETURNED = 2
 
 
 class Notice(NamedTuple):
@@ -346,6 +358,8 @@ class Notice(NamedTuple):
     ``NOTICE_CLAIMED``: this client took the slot named by a handle
     (``generation`` is the handle's) by swapping its ticket word from
     ``token`` to ``claim_word(client id, generation)``.
+    ``NOTICE_RETURNED``: this client lets go of a slot lent to it (its word
+    holds ``claim_word(client id, generation)``).
     """
 
     kind: int
@@ -396,8 +410,8 @@ class Notices(_Message):
                 raise TypeError(f"a notice holds a {type(value).__name__}, not an int")
         if min(flat) < 0 or max(flat) > MAX_ID:
             raise ValueError(f"a notice field is out of range 0..{MAX_ID}")
-        if max(flat[::NOTICE_WORDS]) > NOTICE_CLAIMED:
-            raise ValueError("a notice kind is not NOTICE_DETACHED or NOTICE_CLAIMED")
+        if max(flat[::NOTICE_WORDS]) > NOTICE_RETURNED:
+            raise ValueError("a notice kind is not NOTICE_DETACHED, _CLAIMED or _RETURNED")
         object.__setattr__(self, "flat", tuple(flat))
 
     @classmethod
@@ -451,7 +465,39 @@ def ticket_word(token: int, generation: int) -> int:
     a given generation each token has its own word, so the manager can
     recover the token from a word it reads.
     """
-    return token ^ (generation * _MIX & MAX_ID)
+    return (token ^ generation * _MIX) & _TICKET_BITS
+
+
+#: The bits of a ticket word that hold the token mixed with the generation.
+_TICKET_BITS = (1 << 62) - 1
+#: A ticket word with this bit set (and bit 63 clear) is a lender's: see ``lent_word``.
+LENT = 1 << 62
+
+
+def lent_word(token: int, generation: int) -> int:
+    """The ticket word of a slot its holder lent out without telling the manager.
+
+    The lender keeps the slot in its books and watches the word: the
+    receiver claims it (``claim_word``), and when it lets go it writes
+    ``returned_word``, which the lender takes back into its cache. Nothing
+    passes through the manager unless a process dies or a handle expires.
+    """
+    return ticket_word(token, generation) | LENT
+
+
+def returned_word(generation: int) -> int:
+    """The ticket word of a lent slot its last borrower let go of (a claim by client 0)."""
+    return CLAIMED | (generation & 0x7FFF_FFFF) << 32
+
+
+def is_returned(word: int) -> bool:
+    """True for a ``returned_word``."""
+    return word >> 63 == 1 and not word & _LOW32
+
+
+def generation_at_least(low31: int, floor: int) -> int:
+    """The least generation >= ``floor`` whose low 31 bits are ``low31`` (from a word)."""
+    return floor + ((low31 - floor) & 0x7FFF_FFFF)
 
 
 def claimer_of(word: int) -> int:
@@ -464,7 +510,7 @@ def ticket_token(key: int, segment: int, index: int, generation: int) -> int:
 
     A keyed hash (BLAKE2b) of the slot and the generation the handle names:
     unguessable without ``key`` (which only the client and the manager know),
-    never 0, never with bit 63 set, and different for every handoff. Because
+    never 0, below 2**62, and different for every handoff. Because
     the manager can compute it too, it can check a receiver's claim or
     ``Attach`` before the sender's own notice arrives.
     """
@@ -480,7 +526,7 @@ def token_maker(key: int) -> Callable[[int, int, int], int]:
     def token(segment: int, index: int, generation: int) -> int:
         h = keyed.copy()
         h.update(pack(segment, index, generation))
-        return (from_bytes(h.digest(), "little") & MAX_ID) | 1
+        return (from_bytes(h.digest(), "little") & _TICKET_BITS) | 1
 
     return token
 
@@ -520,12 +566,14 @@ class Welcome(_Message):
     instance: int = 0  # random per manager run: tells its handles from another's
     tickets: int = 0  # 1: segments start with ticket words; claim notices are understood
     key: int = 0  # this client's key for ``ticket_token``
+    transit_ms: int = 30_000  # how long a handle waits for its attach, in milliseconds
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
         _int(self.instance, "instance")
         _int(self.tickets, "tickets", 0, 1)
         _int(self.key, "key")
+        _int(self.transit_ms, "transit_ms", 0, 2**40)
         _int(self.version, "version", 0, 2**16)
         _int(self.manager_pid, "manager_pid", 0, 2**31)
         _int(self.min_size, "min_size", 1, MAX_BUFFER)
@@ -547,10 +595,12 @@ class Grant(_Message):
     slot_size: int
     slots: tuple[SlotRef, ...]
     segments: tuple[SegmentInfo, ...] = ()
+    lent: int = 0  # 1: the one slot is lent to the client (an Attach), not leased
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
         _int(self.slot_size, "slot_size", 1, MAX_BUFFER)
+        _int(self.lent, "lent", 0, 1)
         object.__setattr__(self, "slots", _slots(self.slots, "slots", 1))
         segs = self.segments
         if type(segs) not in (list, tuple) or len(segs) > MAX_FDS:
@@ -568,6 +618,7 @@ class Grant(_Message):
             self.slot_size,
             [list(s) for s in self.slots],
             [list(s) for s in self.segments],
+            *([1] if self.lent else []),
         ]
 
 
@@ -691,12 +742,14 @@ def encode_return(req: int, slots: list[SlotRef], hits: int) -> bytes:
 
 
 def encode_grant(
-    req: int, slot_size: int, slots: list[SlotRef], segments: list[SegmentInfo]
+    req: int, slot_size: int, slots: list[SlotRef], segments: list[SegmentInfo], lent: bool = False
 ) -> bytes:
     """``encode(Grant(...))`` without building the object: the manager's hot reply.
 
     The arena made every field; the client checks what it decodes.
     """
+    if lent:
+        return _pack([Grant.TYPE, req, slot_size, slots, segments, 1])  # type: ignore[no-any-return]
     return _pack([Grant.TYPE, req, slot_size, slots, segments])  # type: ignore[no-any-return]
 
 

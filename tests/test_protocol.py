@@ -225,7 +225,7 @@ BAD_CONSTRUCTIONS: list[tuple[str, Any, tuple[Any, ...], type[Exception]]] = [
     ("notices not a list", p.Notices, (0, 5), TypeError),
     ("notices a partial notice", p.Notices, (0, [0, 1, 0, 1]), ValueError),
     ("notices nested", p.Notices, (0, [[0, [1, 0, 1], 1]]), ValueError),
-    ("notice kind 2", p.Notices, (0, [2, 1, 0, 1, 1]), ValueError),
+    ("notice kind 3", p.Notices, (0, [3, 1, 0, 1, 1]), ValueError),
     ("notice kind bool", p.Notices, (0, [True, 1, 0, 1, 1]), TypeError),
     ("notice kind negative", p.Notices, (0, [-1, 1, 0, 1, 1]), ValueError),
     ("notice slot str", p.Notices, (0, [0, 1, "0", 1, 1]), TypeError),
@@ -668,6 +668,7 @@ def test_raw_encoders_match_the_checked_ones() -> None:
         (p.encode_acquire(6, 4096, 8, 3, 0), Acquire(6, 4096, 8, 3, 0)),
         (p.encode_return(6, slots, 4), Return(6, slots, 4)),
         (p.encode_grant(7, 4096, slots, segs), Grant(7, 4096, slots, segs)),
+        (p.encode_grant(7, 4096, slots[:1], [], True), Grant(7, 4096, slots[:1], [], 1)),
         (p.encode_notices(8, flat), p.Notices(8, flat)),
     ]
     for raw, message in pairs:
@@ -675,14 +676,29 @@ def test_raw_encoders_match_the_checked_ones() -> None:
         assert decode(raw) == message
 
 
+def test_returned_and_claim_words_carry_the_generation() -> None:
+    rng = random.Random(8)
+    for _ in range(2000):
+        generation = rng.randrange(1, 2**40)
+        floor = generation - rng.randrange(0, 2**30)
+        returned = p.returned_word(generation)
+        assert p.is_returned(returned)
+        assert not p.is_returned(p.claim_word(rng.randrange(1, 2**32), generation))
+        low = returned >> 32 & 0x7FFF_FFFF
+        assert p.generation_at_least(low, max(0, floor)) == generation
+
+
 def test_ticket_word_mixes_the_generation_and_gives_back_the_token() -> None:
     rng = random.Random(7)
     for _ in range(2000):
-        token = rng.randrange(1, 2**63)
+        token = rng.randrange(1, 2**62)  # tokens are below 2**62
         generation = rng.randrange(0, 2**40)
         word = p.ticket_word(token, generation)
-        assert 0 <= word < 2**63  # never mistaken for a claim (bit 63)
+        assert 0 <= word < 2**62  # never mistaken for a claim (bit 63) or a lender's (62)
         assert word ^ p.ticket_word(0, generation) == token
+        lent = p.lent_word(token, generation)
+        assert lent == word | p.LENT and lent >> 63 == 0
+        assert not p.is_returned(lent) and not p.is_returned(word)
         assert word != p.ticket_word(token, generation + 1)
         assert word != p.ticket_word(token, generation - 1 if generation else 1)
 
