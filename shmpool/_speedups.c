@@ -129,6 +129,8 @@ lease_close_view(LeaseObject *self)
     return 1;
 }
 
+static int give_back(PyObject *home, PyObject *slot);
+
 static PyObject *
 lease_release(LeaseObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -140,7 +142,14 @@ lease_release(LeaseObject *self, PyObject *Py_UNUSED(ignored))
     PyObject *home = get_field(slot, SlotType, off_slot_home, s_home);
     if (home == NULL)
         return NULL;
-    if (!PyList_Check(home)) { /* an oversize home: its append() talks to the manager */
+    if (!PyList_Check(home)) { /* another home: its append() decides */
+        int done = give_back(home, slot); /* a borrowed slot, back to its lender by its word */
+        if (done != 0) {
+            Py_DECREF(home);
+            if (done < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
         r = PyObject_CallMethodOneArg(home, s_append, slot);
         Py_DECREF(home);
         if (r == NULL)
@@ -514,7 +523,7 @@ store64(PyObject *module, PyObject *args)
  * tickets on, which needs this module, so they have no Python twin.
  */
 
-static PyTypeObject *SlotRefType, *LeaseType;
+static PyTypeObject *SlotRefType, *LeaseType, *BorrowedType;
 static Py_ssize_t off_slot_ref = -1, off_slot_capacity = -1, off_cache_pool = -1,
                   off_cache_cls = -1;
 static Py_ssize_t notice_batch = 64;
@@ -1120,13 +1129,192 @@ find_words(PyObject *module, PyObject *args)
     return out;
 }
 
+/* The _Segment of `segment` in the pool, if its ticket words cover slot
+ * `index`: a new reference to its tickets buffer; NULL with no exception if
+ * not, NULL with one on error. */
+static PyObject *
+tickets_of(PyObject *segments, PyObject *segment, Py_ssize_t index)
+{
+    PyObject *seg = PyDict_GetItemWithError(segments, segment);
+    if (seg == NULL)
+        return NULL;
+    Py_ssize_t header;
+    Py_INCREF(seg);
+    PyObject *tickets = NULL;
+    if (attr_ssize(seg, s_header, &header) == 0 && index >= 0 && index < header / 8) {
+        tickets = PyObject_GetAttr(seg, s_tickets);
+        if (tickets == Py_None)
+            Py_CLEAR(tickets);
+    }
+    Py_DECREF(seg);
+    return tickets;
+}
+
+/* The ticket word of slot `index` in `tickets`: 1 read, -1 error. */
+static int
+ticket_load(PyObject *tickets, Py_ssize_t index, uint64_t *out)
+{
+    Py_buffer view;
+    uint64_t *word = word_at(tickets, 8 * index, &view);
+    if (word == NULL)
+        return -1;
+    *out = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    PyBuffer_Release(&view);
+    return 1;
+}
+
+/* Pool._give_back's common case, from Lease.release: a slot lent to this
+ * process's live connection goes back to its lender (claim -> returned word).
+ * 1 done, 0 not this case (the Python path decides), -1 error. */
+static int
+give_back(PyObject *home, PyObject *slot)
+{
+    if (BorrowedType == NULL || Py_TYPE(home) != BorrowedType || Py_TYPE(slot) != SlotType)
+        return 0;
+    PyObject *pool = PyObject_GetAttr(home, s_pool);
+    if (pool == NULL)
+        return -1;
+    PyObject *mine = NULL, *segments = NULL, *tickets = NULL;
+    int r = -1;
+    Py_ssize_t pid, client_id;
+    if ((mine = PyObject_GetAttr(pool, s_borrowed)) == NULL)
+        goto done;
+    r = 0;
+    if (mine != home)
+        goto done;
+    r = -1;
+    int on = attr_true(pool, s_tickets_on), closed = attr_true(pool, s_closed);
+    if (on < 0 || closed < 0 || attr_ssize(pool, s_pid, &pid) < 0 ||
+        attr_ssize(pool, s_client_id, &client_id) < 0)
+        goto done;
+    r = 0;
+    if (!on || closed || pid != (Py_ssize_t)this_pid)
+        goto done;
+    PyObject *ref = *(PyObject **)((char *)slot + off_slot_ref);
+    if (ref == NULL || !PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) != 3)
+        goto done;
+    Py_ssize_t idx = natural(PyTuple_GET_ITEM(ref, 1));
+    PyObject *generation = PyTuple_GET_ITEM(ref, 2);
+    if (idx < 0 || !PyLong_CheckExact(generation))
+        goto done;
+    if ((segments = PyObject_GetAttr(pool, s_segments)) == NULL) {
+        r = -1;
+        goto done;
+    }
+    if (!PyDict_CheckExact(segments))
+        goto done;
+    tickets = tickets_of(segments, PyTuple_GET_ITEM(ref, 0), idx);
+    if (tickets == NULL) {
+        r = PyErr_Occurred() ? -1 : 0;
+        goto done;
+    }
+    uint64_t low = (PyLong_AsUnsignedLongLongMask(generation) & 0x7FFFFFFFULL) << 32;
+    uint64_t claimed = (1ULL << 63) | low | ((uint64_t)client_id & 0xFFFFFFFFULL);
+    r = ticket_cas(tickets, idx, claimed, (1ULL << 63) | low); /* 0: the Python path decides */
+done:
+    Py_DECREF(pool);
+    Py_XDECREF(mine);
+    Py_XDECREF(segments);
+    Py_XDECREF(tickets);
+    return r;
+}
+
+/* reclaim(pool): Pool._reclaim_lent without the expiry of tickets (the
+ * janitor's Python pass does that): lent slots whose word says returned go
+ * back to their caches, those at 0 are dropped, the rest stay lent. Returns
+ * how many came back. Lock held. */
+static PyObject *
+reclaim(PyObject *module, PyObject *pool)
+{
+    PyObject *lent = PyObject_GetAttr(pool, s_lent);
+    if (lent == NULL)
+        return NULL;
+    PyObject *keep = NULL, *segments = NULL, *caches = NULL, *result = NULL;
+    Py_ssize_t back = 0;
+    if (!PyList_CheckExact(lent) || SlotRefType == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Pool._lent must be a list (and configured)");
+        goto done;
+    }
+    if ((keep = PyList_New(0)) == NULL || (segments = PyObject_GetAttr(pool, s_segments)) == NULL ||
+        (caches = PyObject_GetAttr(pool, s_caches)) == NULL)
+        goto done;
+    if (!PyDict_CheckExact(segments)) {
+        PyErr_SetString(PyExc_TypeError, "Pool._segments must be a dict");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lent); i++) {
+        PyObject *slot = PyList_GET_ITEM(lent, i);
+        if (Py_TYPE(slot) != SlotType)
+            continue;
+        PyObject *ref = *(PyObject **)((char *)slot + off_slot_ref);
+        PyObject *home = *(PyObject **)((char *)slot + off_slot_home);
+        if (ref == NULL || home == NULL || Py_TYPE(home) != CacheType || !PyTuple_Check(ref) ||
+            PyTuple_GET_SIZE(ref) != 3)
+            continue;
+        PyObject *cls = *(PyObject **)((char *)home + off_cache_cls);
+        PyObject *current = cls ? PyObject_GetItem(caches, cls) : NULL;
+        if (current == NULL)
+            goto done;
+        Py_DECREF(current);
+        if (current != home)
+            continue; /* lent by the connection this pool had before a reset */
+        PyObject *segment = PyTuple_GET_ITEM(ref, 0), *generation = PyTuple_GET_ITEM(ref, 2);
+        Py_ssize_t idx = natural(PyTuple_GET_ITEM(ref, 1));
+        if (idx < 0 || !PyLong_CheckExact(generation))
+            continue;
+        PyObject *tickets = tickets_of(segments, segment, idx);
+        if (tickets == NULL) {
+            if (PyErr_Occurred())
+                goto done;
+            continue;
+        }
+        uint64_t word;
+        int ok = ticket_load(tickets, idx, &word);
+        if (ok > 0 && word == 0) { /* the manager took it over: no longer ours */
+            Py_DECREF(tickets);
+            continue;
+        }
+        if (ok > 0 && (word >> 63) && !(word & 0xFFFFFFFFULL))
+            ok = ticket_cas(tickets, idx, word, 0) ? 2 : 1;
+        Py_DECREF(tickets);
+        if (ok < 0)
+            goto done;
+        if (ok == 1) { /* out still */
+            if (PyList_Append(keep, slot) < 0)
+                goto done;
+            continue;
+        }
+        /* returned: the generation moves on by the hops it made */
+        unsigned long long floor = PyLong_AsUnsignedLongLongMask(generation) + 1;
+        unsigned long long low = (word >> 32) & 0x7FFFFFFFULL;
+        PyObject *next = PyLong_FromUnsignedLongLong(floor + ((low - floor) & 0x7FFFFFFFULL));
+        PyObject *fresh = next ? new_ref(SlotRefType, segment, PyTuple_GET_ITEM(ref, 1), next) : NULL;
+        Py_XDECREF(next);
+        if (fresh == NULL)
+            goto done;
+        Py_SETREF(*(PyObject **)((char *)slot + off_slot_ref), fresh);
+        if (PyList_Append(home, slot) < 0)
+            goto done;
+        back++;
+    }
+    if (PyObject_SetAttr(pool, s_lent, keep) < 0)
+        goto done;
+    result = PyLong_FromSsize_t(back);
+done:
+    Py_DECREF(lent);
+    Py_XDECREF(keep);
+    Py_XDECREF(segments);
+    Py_XDECREF(caches);
+    return result;
+}
+
 static PyObject *
 configure_handoff(PyObject *module, PyObject *args)
 {
-    PyObject *slotref_type, *lease_type;
+    PyObject *slotref_type, *lease_type, *borrowed_type;
     Py_ssize_t batch;
-    if (!PyArg_ParseTuple(args, "O!O!n", &PyType_Type, &slotref_type, &PyType_Type, &lease_type,
-                          &batch))
+    if (!PyArg_ParseTuple(args, "O!O!nO!", &PyType_Type, &slotref_type, &PyType_Type, &lease_type,
+                          &batch, &PyType_Type, &borrowed_type))
         return NULL;
     if (SlotType == NULL || CacheType == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "configure() comes first");
@@ -1152,6 +1340,8 @@ configure_handoff(PyObject *module, PyObject *args)
     Py_XSETREF(SlotRefType, (PyTypeObject *)slotref_type);
     Py_INCREF(lease_type);
     Py_XSETREF(LeaseType, (PyTypeObject *)lease_type);
+    Py_INCREF(borrowed_type);
+    Py_XSETREF(BorrowedType, (PyTypeObject *)borrowed_type);
     Py_RETURN_NONE;
 }
 
@@ -1164,7 +1354,8 @@ static PyMethodDef module_methods[] = {
      "find_words(buffer, count, mask, value) -> indices of words w with w & mask == value"},
     {"configure", configure, METH_VARARGS, "configure(LeaseClosedError, _Slot, _Cache)"},
     {"configure_handoff", configure_handoff, METH_VARARGS,
-     "configure_handoff(SlotRef, Lease, notice_batch)"},
+     "configure_handoff(SlotRef, Lease, notice_batch, _Borrowed)"},
+    {"reclaim", reclaim, METH_O, "reclaim(pool) -> slots taken back (Pool._reclaim_lent, no expiry)"},
     {"carve", carve, METH_VARARGS, "carve(segments, slot_size, home, refs) -> [_Slot] or None"},
     {"slot_refs", slot_refs, METH_VARARGS, "slot_refs(value, SlotRef) -> tuple or None"},
     {"take", take, METH_VARARGS, "take(pool, fields) -> Lease or None (Pool._take)"},

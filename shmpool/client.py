@@ -88,7 +88,7 @@ NOTICE_BATCH = 64
 _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 _speedups: Any = vars(_buffer)["_speedups"]
 if _speedups is not None:
-    _speedups.configure_handoff(p.SlotRef, Lease, NOTICE_BATCH)
+    _speedups.configure_handoff(p.SlotRef, Lease, NOTICE_BATCH, _Borrowed)
 
 
 #: Pools whose janitor ``_before_fork`` stopped, to restart in the parent.
@@ -317,7 +317,7 @@ class Pool:
             cache = self._caches[index]
             if cache:  # another thread refilled while we waited
                 return cache.pop()  # type: ignore[no-any-return]
-            if self._lent and self._reclaim_lent() and cache:
+            if self._lent and self._reclaim_returned() and cache:
                 return cache.pop()  # type: ignore[no-any-return]
             self._misses += 1
             hot = self._note_batch(index)
@@ -896,6 +896,12 @@ class Pool:
         if len(cache) > cache.high:
             self._trim(cache)
 
+    def _reclaim_returned(self) -> int:
+        """``_reclaim_lent`` on the hot path: no expiry (the janitor sees to it); in C."""
+        if _speedups is not None:
+            return _speedups.reclaim(self)  # type: ignore[no-any-return]
+        return self._reclaim_lent()
+
     def _reclaim_lent(self) -> int:
         """Take back the lent slots whose borrowers returned them (lock held).
 
@@ -947,6 +953,10 @@ class Pool:
             slot.ref = _new_ref(p.SlotRef, (segment, index, after))
             home.append(slot)
             back += 1
+        if len(seen) > len(self._lent):  # forget slots taken back by the C pass
+            out = {slot.ref[:2] for slot in self._lent}
+            for key in [key for key in seen if key not in out]:
+                del seen[key]
         return back
 
     def _publish_ticket(self, ref: p.SlotRef, word: int) -> bool:
