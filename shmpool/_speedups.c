@@ -245,6 +245,8 @@ lease_disown(LeaseObject *self, PyObject *Py_UNUSED(ignored))
     return closed < 0 ? NULL : PyBool_FromLong(closed);
 }
 
+static PyObject *lease_reduce(LeaseObject *self, PyObject *ignored);
+
 static PyMethodDef lease_methods[] = {
     {"release", (PyCFunction)lease_release, METH_NOARGS,
      "Give the slot back to the pool; calling it again does nothing."},
@@ -252,6 +254,7 @@ static PyMethodDef lease_methods[] = {
     {"__enter__", (PyCFunction)lease_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)lease_exit, METH_VARARGS, NULL},
     {"_disown", (PyCFunction)lease_disown, METH_NOARGS, NULL},
+    {"__reduce__", (PyCFunction)lease_reduce, METH_NOARGS, NULL},
     {NULL},
 };
 
@@ -531,7 +534,11 @@ static PyObject *one; /* the int 1 */
 static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
     *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_token, *s_instance,
-    *s_lent, *s_borrowed;
+    *s_lent, *s_borrowed, *s_keyed, *s_copy, *s_update, *s_digest, *s_reduce_slow;
+/* What a pickled Lease calls when unpickled: client._attach_anywhere, set by
+ * configure_pickling(). (A Python function: pickle names it faster than a
+ * built-in one, and its fast path is Pool._take, in C.) */
+static PyObject *attach_fn;
 
 /* protocol.ticket_word: the token mixed with the handle's generation. */
 static uint64_t
@@ -795,12 +802,21 @@ done:
     return r;
 }
 
+static PyObject *take_impl(PyObject *pool, PyObject *fields);
+
 static PyObject *
 take(PyObject *module, PyObject *args)
 {
     PyObject *pool, *fields;
     if (!PyArg_ParseTuple(args, "OO!", &pool, &PyTuple_Type, &fields))
         return NULL;
+    return take_impl(pool, fields);
+}
+
+/* Pool._take: see take() in the module's methods. */
+static PyObject *
+take_impl(PyObject *pool, PyObject *fields)
+{
     if (PyTuple_GET_SIZE(fields) != 8 || LeaseType == NULL)
         Py_RETURN_NONE;
     PyObject *segment = PyTuple_GET_ITEM(fields, 1), *index = PyTuple_GET_ITEM(fields, 2),
@@ -886,6 +902,8 @@ done:
     return result;
 }
 
+static PyObject *hand_off_impl(PyObject *pool, LeaseObject *lease);
+
 static PyObject *
 hand_off(PyObject *module, PyObject *args)
 {
@@ -893,6 +911,56 @@ hand_off(PyObject *module, PyObject *args)
     LeaseObject *lease;
     if (!PyArg_ParseTuple(args, "OO!", &pool, &LeaseBaseType, &lease))
         return NULL;
+    return hand_off_impl(pool, lease);
+}
+
+/* The token of a handle of slot (segment, index) at `generation`:
+ * protocol.token_maker's function, with the keyed BLAKE2b object it keeps
+ * (Pool._keyed) driven from here. 0 with an exception on error. */
+static uint64_t
+token_of(PyObject *pool, PyObject *segment, PyObject *index, PyObject *generation)
+{
+    unsigned char packed[24];
+    PyObject *parts[3] = {segment, index, generation};
+    for (int i = 0; i < 3; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(parts[i]);
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return 0;
+        for (int b = 0; b < 8; b++)
+            packed[8 * i + b] = (unsigned char)(v >> (8 * b));
+    }
+    PyObject *keyed = PyObject_GetAttr(pool, s_keyed);
+    if (keyed == NULL)
+        return 0;
+    PyObject *h = PyObject_CallMethodNoArgs(keyed, s_copy);
+    Py_DECREF(keyed);
+    if (h == NULL)
+        return 0;
+    PyObject *data = PyBytes_FromStringAndSize((const char *)packed, 24);
+    PyObject *r = data ? PyObject_CallMethodOneArg(h, s_update, data) : NULL;
+    Py_XDECREF(data);
+    PyObject *digest = r ? PyObject_CallMethodNoArgs(h, s_digest) : NULL;
+    Py_XDECREF(r);
+    Py_DECREF(h);
+    if (digest == NULL)
+        return 0;
+    if (!PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 8) {
+        Py_DECREF(digest);
+        PyErr_SetString(PyExc_ValueError, "Pool._keyed must give 8-byte digests");
+        return 0;
+    }
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(digest);
+    uint64_t token = 0;
+    for (int b = 7; b >= 0; b--)
+        token = token << 8 | d[b];
+    Py_DECREF(digest);
+    return (token & 0x3FFFFFFFFFFFFFFFULL) | 1;
+}
+
+/* Pool._hand_off: see hand_off() in the module's methods. */
+static PyObject *
+hand_off_impl(PyObject *pool, LeaseObject *lease)
+{
     if (lease->view == NULL || lease->slot == NULL || Py_TYPE(lease->slot) != SlotType)
         Py_RETURN_NONE;
     char *slot = (char *)lease->slot;
@@ -937,11 +1005,9 @@ hand_off(PyObject *module, PyObject *args)
     }
     if (ok > 0) {
         next = PyNumber_Add(generation, one);
-        PyObject *maker = next ? PyObject_GetAttr(pool, s_token) : NULL;
-        token = maker ? PyObject_CallFunctionObjArgs(maker, segment, index, next, NULL) : NULL;
-        Py_XDECREF(maker);
-        unsigned long long tok = token ? PyLong_AsUnsignedLongLong(token) : 0;
-        if (token == NULL || (tok == (unsigned long long)-1 && PyErr_Occurred()))
+        uint64_t tok = next ? token_of(pool, segment, index, next) : 0;
+        token = tok ? PyLong_FromUnsignedLongLong(tok) : NULL;
+        if (token == NULL)
             ok = -1;
         else
             ok = ticket_cas(tickets, idx, 0,
@@ -1309,6 +1375,39 @@ done:
 }
 
 static PyObject *
+configure_pickling(PyObject *module, PyObject *fn)
+{
+    Py_XSETREF(attach_fn, Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
+/* Lease.__reduce__: the lease goes as its handle's fields (ownership moves
+ * at pickling time), unpickled by attach_anywhere. The common case is
+ * hand_off's; anything else is Lease._reduce_slow's, which raises what
+ * applies. */
+static PyObject *
+lease_reduce(LeaseObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->view != NULL && attach_fn != NULL && self->slot != NULL &&
+        Py_TYPE(self->slot) == SlotType) {
+        PyObject *home = *(PyObject **)((char *)self->slot + off_slot_home);
+        if (home != NULL && Py_TYPE(home) == CacheType && off_cache_pool >= 0) {
+            PyObject *pool = *(PyObject **)((char *)home + off_cache_pool);
+            PyObject *fields = pool ? hand_off_impl(pool, self) : Py_NewRef(Py_None);
+            if (fields == NULL)
+                return NULL;
+            if (fields != Py_None) {
+                PyObject *r = PyTuple_Pack(2, attach_fn, fields);
+                Py_DECREF(fields);
+                return r;
+            }
+            Py_DECREF(fields);
+        }
+    }
+    return PyObject_CallMethodNoArgs((PyObject *)self, s_reduce_slow);
+}
+
+static PyObject *
 configure_handoff(PyObject *module, PyObject *args)
 {
     PyObject *slotref_type, *lease_type, *borrowed_type;
@@ -1355,6 +1454,8 @@ static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS, "configure(LeaseClosedError, _Slot, _Cache)"},
     {"configure_handoff", configure_handoff, METH_VARARGS,
      "configure_handoff(SlotRef, Lease, notice_batch, _Borrowed)"},
+    {"configure_pickling", configure_pickling, METH_O,
+     "configure_pickling(client._attach_anywhere): what Lease.__reduce__ names"},
     {"reclaim", reclaim, METH_O, "reclaim(pool) -> slots taken back (Pool._reclaim_lent, no expiry)"},
     {"carve", carve, METH_VARARGS, "carve(segments, slot_size, home, refs) -> [_Slot] or None"},
     {"slot_refs", slot_refs, METH_VARARGS, "slot_refs(value, SlotRef) -> tuple or None"},
@@ -1402,6 +1503,12 @@ PyInit__speedups(void)
     INTERN(s_instance, "manager_instance");
     INTERN(s_lent, "_lent");
     INTERN(s_borrowed, "_borrowed");
+    INTERN(s_keyed, "_keyed");
+    INTERN(s_copy, "copy");
+    INTERN(s_update, "update");
+    INTERN(s_digest, "digest");
+    INTERN(s_reduce_slow, "_reduce_slow");
+
     if ((one = PyLong_FromLong(1)) == NULL)
         return NULL;
     reset_pid();

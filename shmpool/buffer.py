@@ -122,6 +122,9 @@ class _PyLeaseBase:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def __reduce__(self) -> Any:
+        return self._reduce_slow()  # type: ignore[attr-defined]
+
     def _disown(self) -> bool:
         """Forget the slot without returning it (its ownership moved); False if closed."""
         v = self._view
@@ -181,9 +184,11 @@ class Lease(_LeaseBase):  # type: ignore[misc]
     def detach(self) -> Handle:
         """Give up this lease here and return a ``Handle`` for another process.
 
-        The Lease is unusable afterwards, as if released; the slot waits in
-        the manager until some process calls ``pool.attach(handle)`` (once),
-        or frees itself after the manager's transit timeout.
+        The Lease is unusable afterwards, as if released; the slot waits
+        until some process calls ``pool.attach(handle)`` (once), or comes
+        back after the manager's transit timeout. A slot of a size class is
+        lent: it returns to this process's cache when the last process it
+        was handed to releases it.
 
         Raises:
             LeaseClosedError: released or detached already.
@@ -218,9 +223,10 @@ class Lease(_LeaseBase):  # type: ignore[misc]
     def __deepcopy__(self, memo: Any) -> Lease:
         raise TypeError("a Lease cannot be copied: it is the one owner of its slot")
 
-    def __reduce__(self) -> tuple[Any, tuple[int, ...]]:
+    def _reduce_slow(self) -> tuple[Any, tuple[int, ...]]:
         # Pickling hands the slot over: see shmpool.handle for when ownership moves.
         # The handle goes as plain ints: cheaper to pickle than the NamedTuple.
+        # (__reduce__ is the base's: in C, the common case of this, else this.)
         if self._view is None:
             raise LeaseClosedError("this lease was released or detached already")
         return (_unpickle, self._slot.home.pool._hand_off(self))

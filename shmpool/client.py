@@ -581,6 +581,7 @@ class Pool:
         self.client_id = reply.client_id
         self._tickets_on = bool(reply.tickets) and _speedups is not None
         self._token = p.token_maker(reply.key)
+        self._keyed = self._token.keyed  # the same keyed BLAKE2b, for the C hand_off
         self._transit_timeout = reply.transit_ms / 1000
         return reply
 
@@ -857,12 +858,20 @@ class Pool:
                 )
             token = self._token(segment, index, generation + 1)
             claimed = p.claim_word(self.client_id, generation)
-            if not _speedups.cas64(
+            lent = _speedups.cas64(
                 seg.tickets, 8 * index, claimed, p.lent_word(token, generation + 1)
-            ):
-                raise UsageError(f"slot {segment}:{index} is no longer ours to hand on")
-            length = len(view)
-            lease._disown()
+            )
+            if not lent:
+                if _speedups.load64(seg.tickets, 8 * index) != 0:
+                    raise UsageError(f"slot {segment}:{index} is no longer ours to hand on")
+                # Its lender died and the manager gave the slot to us: ours to lend.
+                cls = slot.capacity.bit_length() - 1 - self._min_shift
+                slot.home = self._caches[max(0, cls)]
+            else:
+                length = len(view)
+                lease._disown()
+        if not lent:
+            return self._detach(lease)
         return Handle(
             self.manager_instance, segment, index, generation + 1, token, length,
             slot.capacity, 0,
@@ -1220,6 +1229,8 @@ def _attach_anywhere(*fields: int) -> Lease:
 
 
 _buffer._unpickle = _attach_anywhere  # what Lease.__reduce__ names
+if _speedups is not None:  # and what the C Lease.__reduce__ names
+    _speedups.configure_pickling(_attach_anywhere)
 
 
 def _attach_buffer_anywhere(handle: Handle) -> SharedBuffer:

@@ -2,25 +2,27 @@
 
 Ownership moves in two steps. ``lease.detach()`` puts the slot *in transit*
 under a token (a keyed hash of the slot and its next generation, which only
-this connection and the manager can compute), writes the token in the slot's
-ticket word, queues a notice for the manager (sent in a batch, see
-``Pool._note``), and returns a ``Handle`` naming the slot, its next
-generation and that token. ``pool.attach(handle)`` in any process connected
-to the same manager takes the slot for that process, by swapping the ticket
-word when it has the segment mapped, else by asking the manager; it succeeds
-once. A handle
+this connection and the manager can compute) and returns a ``Handle`` naming
+the slot, its next generation and that token. A class slot is *lent*: the
+token goes in the slot's ticket word (``protocol.lent_word``) and the
+manager hears nothing; the slot comes back to this process's cache when the
+last process it was handed to releases it. Other slots (oversize, or a
+sender without the C extension) go in the manager's keeping with a notice.
+``pool.attach(handle)`` in any process connected to the same manager takes
+the slot for that process, by swapping the ticket word when it has the
+segment mapped, else by asking the manager; it succeeds once. A handle
 that is attached twice, arrives after the transit timeout, carries a forged
 token or generation, or comes from another manager is refused with
 ``StaleHandleError`` before any memory is mapped. A handle nobody attaches
-frees its slot when the transit timeout passes, so a dropped handle or a
-sender that dies leaks nothing.
+gives its slot back when the transit timeout passes (to its lender, or to
+the free lists), so a dropped handle or a sender that dies leaks nothing.
 
 Pickling a Lease (a ``multiprocessing.Queue``, a ``Pipe``, ``Pool.map``
 arguments and results) detaches it at pickling time and attaches it at
 unpickling time, in a pool of the receiving process connected to the same
 manager (an open one, else ``shmpool.connect()``, i.e. ``$SHMPOOL_ADDRESS``).
 The sender's Lease is closed from that moment: two processes can never both
-write it, and a message that is never received frees the slot after the
+write it, and a message that is never received gives the slot back after the
 transit timeout.
 
 Many readers: ``lease.share(readers=n)`` publishes the slot read-only to up

@@ -528,6 +528,7 @@ def token_maker(key: int) -> Callable[[int, int, int], int]:
         h.update(pack(segment, index, generation))
         return (from_bytes(h.digest(), "little") & _TICKET_BITS) | 1
 
+    token.keyed = keyed  # type: ignore[attr-defined]  # for the C twin (_speedups.token_of)
     return token
 
 

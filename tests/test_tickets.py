@@ -428,3 +428,25 @@ def test_slots_claimed_but_not_yet_told_are_recalled_for_a_short_acquire() -> No
         stats = a.stats()
         assert_balanced(stats)
         assert stats["classes"][0]["total"] == 4  # no memory beyond the budget
+
+
+def test_the_c_token_is_the_python_one(mgr: shmpool.ManagerProcess) -> None:
+    """Pickling in C computes the token with the same keyed BLAKE2b as ``token_maker``."""
+    import pickle
+
+    with mgr.connect() as a, mgr.connect() as b:
+        _mapped(a, b)
+        for _ in range(50):
+            lease = a.acquire(SIZE)
+            fields = lease.__reduce__()[1]  # the C path: the handle as plain ints
+            handle = shmpool.Handle(*fields)
+            assert handle.token == a._token(handle.segment, handle.index, handle.generation)
+            assert _ticket(a, handle) == lent_word(handle.token, handle.generation)
+            got = b.attach(handle)
+            got.release()
+        lease = a.acquire(SIZE)
+        lease.view[:3] = b"abc"
+        got = pickle.loads(pickle.dumps(lease))
+        assert bytes(got.view[:3]) == b"abc"
+        got.release()
+        assert_balanced(a.stats())
