@@ -1217,11 +1217,14 @@ def _no_pool() -> Pool | None:
 _last_pool: Callable[[], Pool | None] = _no_pool
 
 
+_fast_take = _speedups.take if _speedups is not None else None
+
+
 def _attach_anywhere(*fields: int) -> Lease:
     """Unpickle a Lease: attach its handle (given field by field) in a pool of this process."""
     pool = _last_pool()
-    if pool is not None and pool.manager_instance == fields[0]:
-        lease = pool._take(fields)
+    if pool is not None and pool.manager_instance == fields[0] and _fast_take is not None:
+        lease: Lease | None = _fast_take(pool, fields)  # Pool._take, called straight
         if lease is not None:
             return lease
     handle = Handle(*fields)
