@@ -534,7 +534,7 @@ static PyObject *one; /* the int 1 */
 static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
     *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_token, *s_instance,
-    *s_lent, *s_borrowed, *s_keyed, *s_copy, *s_update, *s_digest, *s_reduce_slow;
+    *s_lent, *s_borrowed, *s_keyed, *s_copy, *s_update, *s_digest, *s_reduce_slow, *s_janitor;
 /* What a pickled Lease calls when unpickled: client._attach_anywhere, set by
  * configure_pickling(). (A Python function: pickle names it faster than a
  * built-in one, and its fast path is Pool._take, in C.) */
@@ -842,17 +842,18 @@ take_impl(PyObject *pool, PyObject *fields)
     if (found <= 0)
         return found < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *lock = NULL, *ref = NULL, *home = NULL, *result = NULL;
+    int lent = 0; /* 1: we claimed it from its lender (undone if the Lease cannot be made) */
+    uint64_t claimed = 0;
     if (attr_ssize(pool, s_client_id, &client_id) < 0 ||
         attr_ssize(pool, s_min_shift, &min_shift) < 0)
         goto done;
-    uint64_t claimed = (1ULL << 63) | ((gen & 0x7FFFFFFFULL) << 32) |
-                       ((uint64_t)client_id & 0xFFFFFFFFULL);
+    claimed = (1ULL << 63) | ((gen & 0x7FFFFFFFULL) << 32) | ((uint64_t)client_id & 0xFFFFFFFFULL);
     if ((lock = PyObject_GetAttr(pool, s_lock)) == NULL || lock_call(lock, s_acquire) < 0) {
         Py_CLEAR(lock);
         goto done;
     }
     /* the lock is held from here to the end of this block */
-    int ok = pool_connected(pool), lent = 0;
+    int ok = pool_connected(pool);
     if (ok > 0) { /* lent by its holder (the common case), or in the manager's keeping */
         lent = ok = ticket_cas(tickets, idx, ticket_word(tok, gen) | LENT, claimed);
         if (ok == 0)
@@ -894,6 +895,13 @@ take_impl(PyObject *pool, PyObject *fields)
     result = lease_new_raw(LeaseType, slot, length < capacity ? length : capacity);
     Py_DECREF(slot);
 done:
+    if (result == NULL && lent > 0) { /* no Lease: the slot stays lent, for its handle */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (ticket_cas(tickets, idx, claimed, ticket_word(tok, gen) | LENT) < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
     Py_XDECREF(lock);
     Py_XDECREF(ref);
     Py_XDECREF(home);
@@ -1003,15 +1011,27 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
         Py_XDECREF(mine);
         Py_XDECREF(caches);
     }
+    uint64_t word = 0;
     if (ok > 0) {
         next = PyNumber_Add(generation, one);
         uint64_t tok = next ? token_of(pool, segment, index, next) : 0;
         token = tok ? PyLong_FromUnsignedLongLong(tok) : NULL;
         if (token == NULL)
             ok = -1;
-        else
-            ok = ticket_cas(tickets, idx, 0,
-                            ticket_word(tok, PyLong_AsUnsignedLongLongMask(generation) + 1) | LENT);
+        else {
+            word = ticket_word(tok, PyLong_AsUnsignedLongLongMask(generation) + 1) | LENT;
+            ok = ticket_cas(tickets, idx, 0, word);
+        }
+        if (ok > 0) {
+            /* The lease closes here, once: another thread may have released it
+             * meanwhile (the token's calls can switch threads). Nobody has the
+             * handle yet, so the word goes back; the Python path then raises. */
+            int closed = lease_close_view(lease);
+            if (closed <= 0) {
+                ticket_cas(tickets, idx, word, 0);
+                ok = closed < 0 ? -1 : 0;
+            }
+        }
     }
     if (ok > 0) {
         PyObject *instance = PyObject_GetAttr(pool, s_instance);
@@ -1020,14 +1040,27 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
                           : NULL;
         Py_XDECREF(instance);
         PyObject *lent = result ? PyObject_GetAttr(pool, s_lent) : NULL;
-        if (lent == NULL || !PyList_CheckExact(lent) || lease_close_view(lease) < 0 ||
+        if (lent == NULL || !PyList_CheckExact(lent) ||
             PyList_Append(lent, (PyObject *)slot) < 0) { /* the lender watches its word */
             if (lent != NULL && !PyList_CheckExact(lent) && !PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "Pool._lent must be a list");
             Py_CLEAR(result);
             ok = -1;
+            if (ticket_cas(tickets, idx, word, 0) > 0) /* not lent after all: back in the cache */
+                PyList_Append(home, (PyObject *)slot);
         }
         Py_XDECREF(lent);
+        if (ok > 0) { /* the janitor takes lent slots back, and expires their tickets */
+            PyObject *janitor = PyObject_GetAttr(pool, s_janitor);
+            PyObject *r = janitor == Py_None ? PyObject_CallMethodNoArgs(pool, s_ensure_janitor)
+                                             : Py_XNewRef(janitor);
+            Py_XDECREF(janitor);
+            if (r == NULL) {
+                Py_CLEAR(result); /* lent, and watched: only the handle is lost */
+                ok = -1;
+            }
+            Py_XDECREF(r);
+        }
     }
     if (unlock(lock) < 0)
         Py_CLEAR(result);
@@ -1296,7 +1329,7 @@ reclaim(PyObject *module, PyObject *pool)
     if (lent == NULL)
         return NULL;
     PyObject *keep = NULL, *segments = NULL, *caches = NULL, *result = NULL;
-    Py_ssize_t back = 0;
+    Py_ssize_t back = 0, i = 0;
     if (!PyList_CheckExact(lent) || SlotRefType == NULL) {
         PyErr_SetString(PyExc_TypeError, "Pool._lent must be a list (and configured)");
         goto done;
@@ -1308,7 +1341,7 @@ reclaim(PyObject *module, PyObject *pool)
         PyErr_SetString(PyExc_TypeError, "Pool._segments must be a dict");
         goto done;
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lent); i++) {
+    for (; i < PyList_GET_SIZE(lent); i++) {
         PyObject *slot = PyList_GET_ITEM(lent, i);
         if (Py_TYPE(slot) != SlotType)
             continue;
@@ -1340,8 +1373,10 @@ reclaim(PyObject *module, PyObject *pool)
             Py_DECREF(tickets);
             continue;
         }
-        if (ok > 0 && (word >> 63) && !(word & 0xFFFFFFFFULL))
-            ok = ticket_cas(tickets, idx, word, 0) ? 2 : 1;
+        if (ok > 0 && (word >> 63) && !(word & 0xFFFFFFFFULL)) {
+            ok = ticket_cas(tickets, idx, word, 0);
+            ok = ok < 0 ? -1 : ok + 1; /* 2: swapped, 1: it moved on meanwhile */
+        }
         Py_DECREF(tickets);
         if (ok < 0)
             goto done;
@@ -1356,17 +1391,30 @@ reclaim(PyObject *module, PyObject *pool)
         PyObject *next = PyLong_FromUnsignedLongLong(floor + ((low - floor) & 0x7FFFFFFFULL));
         PyObject *fresh = next ? new_ref(SlotRefType, segment, PyTuple_GET_ITEM(ref, 1), next) : NULL;
         Py_XDECREF(next);
-        if (fresh == NULL)
+        if (fresh != NULL)
+            Py_SETREF(*(PyObject **)((char *)slot + off_slot_ref), fresh);
+        if (PyList_Append(home, slot) < 0) { /* taken back, so not lent: the cache has it or not */
+            i++;
             goto done;
-        Py_SETREF(*(PyObject **)((char *)slot + off_slot_ref), fresh);
-        if (PyList_Append(home, slot) < 0)
-            goto done;
+        }
         back++;
+        if (fresh == NULL) {
+            i++;
+            goto done;
+        }
     }
-    if (PyObject_SetAttr(pool, s_lent, keep) < 0)
-        goto done;
+    i = PyList_GET_SIZE(lent);
     result = PyLong_FromSsize_t(back);
 done:
+    /* On an error, the slots not looked at stay lent (none is listed twice). */
+    if (keep != NULL && lent != NULL && PyList_CheckExact(lent)) {
+        PyObject *rest = PyList_GetSlice(lent, i, PyList_GET_SIZE(lent));
+        if (rest == NULL || PyList_SetSlice(keep, PyList_GET_SIZE(keep), PyList_GET_SIZE(keep),
+                                            rest) < 0 ||
+            PyObject_SetAttr(pool, s_lent, keep) < 0)
+            Py_CLEAR(result);
+        Py_XDECREF(rest);
+    }
     Py_DECREF(lent);
     Py_XDECREF(keep);
     Py_XDECREF(segments);
@@ -1508,6 +1556,7 @@ PyInit__speedups(void)
     INTERN(s_update, "update");
     INTERN(s_digest, "digest");
     INTERN(s_reduce_slow, "_reduce_slow");
+    INTERN(s_janitor, "_janitor");
 
     if ((one = PyLong_FromLong(1)) == NULL)
         return NULL;

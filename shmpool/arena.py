@@ -127,6 +127,8 @@ class _Conn:
     # ticket_token with its key; None: its tokens are not checked (tests of the books)
     token: Callable[[int, int, int], int] | None = None
     lends: bool = False  # it lends class slots by their words (no DETACHED notice)
+    # slots the manager claimed for it (it has no atomics) -> the handle's generation
+    borrowed: dict[tuple[int, int], int] = field(default_factory=dict)
     messages: int = 0
     manager_acquires: int = 0
     cache_hits: int = 0
@@ -434,8 +436,9 @@ class Arena:
                 if claimer is None:
                     return False  # returned, or claimed by a client that is gone too
                 c.held.discard(key)
-                low = value >> 32 & 0x7FFF_FFFF
-                self._give(seg, index, claimer, generation_at_least(low, seg.generations[index]))
+                self._give(
+                    seg, index, claimer, self._claimed_generation(seg, index, claimer, value)
+                )
                 return True
             if value & LENT:
                 self._orphan(seg, index, c, value, now, timeout)
@@ -445,6 +448,19 @@ class Arena:
             return True
         self._orphan(seg, index, c, self._ticket_load(seg, index), now, timeout)
         return True
+
+    def _claimed_generation(self, seg: Segment, index: int, claimer: _Conn, word: int) -> int:
+        """The generation of the handle ``claimer`` holds the slot by (its claim ``word``).
+
+        The word keeps 31 bits of it; a lender's generations move on without
+        the books, so the books' one is only a floor. The manager remembers
+        the whole generation for a client it claimed for (one without atomics,
+        which names it exactly when it lets go).
+        """
+        known = claimer.borrowed.pop((seg.id, index), None)
+        if known is not None:
+            return known
+        return generation_at_least(word >> 32 & 0x7FFF_FFFF, seg.generations[index])
 
     def _give(self, seg: Segment, index: int, c: _Conn, generation: int) -> None:
         """Books: ``c`` holds the slot (leased or lent to it, or an orphan's claimer)."""
@@ -464,10 +480,12 @@ class Arena:
             seg.cls.in_transit += 1
         self._orphans[(seg.id, index)] = [word, now + timeout, timeout]
 
-    def _settle_orphans(self, now: float) -> int:
+    def _settle_orphans(self, now: float | None) -> int:
         """Orphans whose words settled: claimed (to the claimer), returned or expired (freed).
 
-        Returns how many left the orphans.
+        With ``now`` None (no clock at hand), only claimed and returned ones
+        settle; a ticket waits for the next call with the time. Returns how
+        many left the orphans.
         """
         settled = 0
         for key, entry in list(self._orphans.items()):
@@ -476,6 +494,8 @@ class Arena:
             value = self._ticket_load(seg, index)
             if value & CLAIMED:
                 claimer = self._conns.get(claimer_of(value)) if claimer_of(value) else None
+            elif now is None and value:
+                continue
             elif value != entry[0] and value:
                 entry[0], entry[1] = value, now + entry[2]  # handed on: a new handle's time
                 continue
@@ -493,8 +513,9 @@ class Arena:
             if claimer is None:
                 self._free(seg, index, None)
             else:
-                low = value >> 32 & 0x7FFF_FFFF
-                self._give(seg, index, claimer, generation_at_least(low, seg.generations[index]))
+                self._give(
+                    seg, index, claimer, self._claimed_generation(seg, index, claimer, value)
+                )
         return settled
 
     def _return_borrowed(self, c: _Conn) -> None:
@@ -516,7 +537,7 @@ class Arena:
                     self._ticket_cas(seg, index, value, returned_word(value >> 32))
                 elif holder == ORPHAN:
                     self._ticket_cas(seg, index, value, returned_word(value >> 32))
-                    self._settle_orphans(float("-inf"))  # frees it (returned), nothing else
+                    self._settle_orphans(None)  # frees it (returned)
 
     def give_back(self, conn: int, ref: SlotRef) -> None:
         """``conn`` lets go of a slot lent to it, for which the manager claimed it.
@@ -533,9 +554,10 @@ class Arena:
         if seg is None or not seg.header or not 0 <= ref.index < seg.nslots:
             raise StaleHandleError(f"no slot {ref.segment}:{ref.index} is lent to this client")
         claimed = claim_word(c.id, ref.generation)
+        c.borrowed.pop((ref.segment, ref.index), None)
         if self._ticket_cas(seg, ref.index, claimed, returned_word(ref.generation)):
             if seg.holders[ref.index] == ORPHAN:
-                self._settle_orphans(float("-inf"))  # its lender is gone: free it now
+                self._settle_orphans(None)  # its lender is gone: free it now
             return
         if seg.holders[ref.index] == c.id and seg.generations[ref.index] == ref.generation:
             self._free(seg, ref.index, c)
@@ -564,6 +586,8 @@ class Arena:
             return self._grant(c, seg.slot_size, [(seg, index)])
         if not self._ticket_cas(seg, index, lent, claim_word(c.id, ref.generation)):
             return None
+        if not c.lends:  # it names the whole generation when it lets go: remember it
+            c.borrowed[(seg.id, index)] = ref.generation
         segments, fds = [], []
         if seg.id not in c.known:
             c.known.add(seg.id)
@@ -1078,7 +1102,7 @@ class Arena:
     def stats(self) -> dict[str, Any]:
         """A JSON-able snapshot; per class ``total == free + leased + in_transit``."""
         if self._orphans:
-            self._settle_orphans(float("-inf"))  # claimed or returned since: no expiry here
+            self._settle_orphans(None)  # claimed or returned since (no clock here: no expiry)
         lent = [self.lent_out(cls) for cls in self._classes]
         shift = self._lent_census()
         return {

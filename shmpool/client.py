@@ -803,11 +803,12 @@ class Pool:
                 _speedups.cas64(tickets, 8 * index, 0, word)
                 or self._publish_ticket(ref, word)  # may raise: the lease stays ours
             )
-            lease._disown()
+            self._disown_or_undo(lease, tickets if published else None, index, word, 0)
             if readers:
                 self._send(p.encode(p.Share(self._next_req(), ref, token, readers)))
             elif published:
                 self._lent.append(slot)
+                self._ensure_janitor()  # it takes lent slots back and expires their tickets
             else:
                 self._note(p.NOTICE_DETACHED, ref, token, urgent=True)
             if slot.home is self._oversize_home:
@@ -869,13 +870,34 @@ class Pool:
                 slot.home = self._caches[max(0, cls)]
             else:
                 length = len(view)
-                lease._disown()
+                word = p.lent_word(token, generation + 1)
+                self._disown_or_undo(lease, seg.tickets, index, word, claimed)
         if not lent:
             return self._detach(lease)
         return Handle(
             self.manager_instance, segment, index, generation + 1, token, length,
             slot.capacity, 0,
         )  # fmt: skip
+
+    @staticmethod
+    def _disown_or_undo(lease: Lease, tickets: Any, index: int, word: int, before: int) -> None:
+        """Close ``lease`` as handed over; if it cannot be, put its ticket word back.
+
+        Another thread may have released the lease while we published its
+        word; nobody has the handle yet, so the word goes back to ``before``.
+
+        Raises:
+            LeaseClosedError: released meanwhile.
+        """
+        try:
+            if lease._disown():
+                return
+            error: BaseException = LeaseClosedError("this lease was released or detached already")
+        except BaseException as exc:  # e.g. BufferError: its view is still exported
+            error = exc
+        if tickets is not None:
+            _speedups.cas64(tickets, 8 * index, word, before)
+        raise error
 
     def _give_back(self, slot: _Slot) -> None:
         """A lease lent to us was released: its slot goes back to its lender, by its word.
@@ -902,6 +924,7 @@ class Pool:
         cache = self._caches[max(0, cls)]
         slot.home = cache
         cache.append(slot)
+        self._ensure_janitor()  # an idle cache goes back in time
         if len(cache) > cache.high:
             self._trim(cache)
 
@@ -925,8 +948,32 @@ class Pool:
         segments = self._segments
         load, cas = _speedups.load64, _speedups.cas64
         now = time.monotonic()
+        counter = [0]
+        try:
+            back = self._reclaim_each(lent, seen, segments, load, cas, now, counter)
+        except BaseException:  # the slot it failed on, and those after it, stay lent
+            self._lent.extend(lent[max(0, counter[0] - 1) :])
+            raise
+        if len(seen) > len(self._lent):  # forget slots taken back by the C pass
+            out = {slot.ref[:2] for slot in self._lent}
+            for key in [key for key in seen if key not in out]:
+                del seen[key]
+        return back
+
+    def _reclaim_each(
+        self,
+        lent: list[_Slot],
+        seen: dict[tuple[int, int], tuple[int, float]],
+        segments: dict[int, _Segment],
+        load: Any,
+        cas: Any,
+        now: float,
+        counter: list[int],
+    ) -> int:
+        """``_reclaim_lent``'s loop; ``counter[0]`` counts the slots it is done with."""
         back = 0
         for slot in lent:
+            counter[0] += 1
             segment, index, generation = slot.ref
             home = slot.home
             seg = segments.get(segment)
@@ -962,10 +1009,6 @@ class Pool:
             slot.ref = _new_ref(p.SlotRef, (segment, index, after))
             home.append(slot)
             back += 1
-        if len(seen) > len(self._lent):  # forget slots taken back by the C pass
-            out = {slot.ref[:2] for slot in self._lent}
-            for key in [key for key in seen if key not in out]:
-                del seen[key]
         return back
 
     def _publish_ticket(self, ref: p.SlotRef, word: int) -> bool:

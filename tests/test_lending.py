@@ -22,6 +22,7 @@ import them; they get the manager's address explicitly.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import pickle
 import random
@@ -681,3 +682,90 @@ def test_a_borrower_without_the_extension_returns_the_slot_by_notice(
         assert (proc.returncode, out) == (0, ""), err
         lender.trim()
         wait_for(lambda: all_returned(lender.stats()))
+
+
+# ------------------------------------------------ found in review (regressions)
+
+
+def _dead_lender(address: str) -> tuple[Any, shmpool.Handle]:
+    """A forked child that lends a slot and is killed: its handle, unattached."""
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    done = ctx.Event()
+    proc = ctx.Process(target=lend_and_hang, args=(address, child_end, done))
+    proc.start()
+    child_end.close()
+    pid, handle = _recv(parent_end)
+    parent_end.close()
+    _kill(proc)
+    return pid, handle
+
+
+@pytest.mark.timeout(MP_TIMEOUT)
+def test_an_orphan_handed_on_keeps_its_time_when_stats_are_read(
+    manager: shmpool.ManagerProcess,
+) -> None:
+    """Reading stats (which settles orphans without a clock) must not expire a handle."""
+    with _pool(manager.address, "b") as b, _pool(manager.address, "c") as c:
+        b.acquire(SIZE).release()  # maps the segment: b claims by word, no message
+        pid, handle = _dead_lender(manager.address)
+        _gone(b, pid)
+        onward = b.attach(handle).detach()  # claimed and handed on, the manager unaware
+        b.stats()
+        b.stats()  # a manager loop turn in between, with stats read
+        got = c.attach(onward)  # well within the 30 s transit timeout
+        assert bytes(got.view) == pattern("lender|", SIZE)
+        got.release()
+        stats = c.stats()
+        assert_balanced(stats)
+        b.trim()
+        c.trim()
+        wait_for(lambda: all_returned(c.stats()))
+
+
+@pytest.mark.timeout(MP_TIMEOUT)
+def test_pickling_a_lease_another_thread_releases_lends_nothing(
+    manager: shmpool.ManagerProcess,
+) -> None:
+    """The lease closes once: a release that comes first makes pickling refuse."""
+    import threading
+
+    with _pool(manager.address, "p") as p, _pool(manager.address, "q") as q:
+        _mapped(p, q)
+        lease = p.acquire(SIZE)
+        out: dict[str, Any] = {}
+
+        def pickle_it() -> None:
+            try:
+                out["data"] = pickle.dumps(lease)
+            except shmpool.LeaseClosedError as exc:
+                out["error"] = exc
+
+        with p._lock:  # the pickler waits for it, inside hand_off
+            thread = threading.Thread(target=pickle_it)
+            thread.start()
+            wait_for(lambda: thread.is_alive())
+            lease.release()  # the owner releases meanwhile...
+            again = p.acquire(SIZE)  # ...and acquires the same slot again
+        thread.join(MP_TIMEOUT)
+        assert "error" in out and "data" not in out
+        assert not any(slot is again._slot for slot in p._lent)
+        assert _word(p, shmpool.Handle(0, *again._slot.ref, 0, 0, 0, 0)) == 0
+        again.release()
+        assert_balanced(p.stats())
+
+
+@pytest.mark.timeout(MP_TIMEOUT)
+def test_a_consumer_that_lends_on_takes_its_slot_back(manager: shmpool.ManagerProcess) -> None:
+    """A pool that never acquired still runs the janitor once it lends."""
+    with _pool(manager.address, "c") as c, shmpool.Pool(manager.address, name="b") as b:
+        c.acquire(SIZE).release()
+        pid, handle = _dead_lender(manager.address)
+        got = b.attach(handle)
+        _gone(c, pid)
+        onward = got.detach()  # the slot is b's now: lent on as b's own
+        assert b._lent and b._janitor is not None
+        c.attach(onward).release()  # returned to b, by its word
+        wait_for(lambda: not b._lent and _word(b, handle) == 0)
+        assert _cached(b, handle) is not None
+        assert_balanced(c.stats())
