@@ -533,7 +533,7 @@ static Py_ssize_t notice_batch = 64;
 static PyObject *one; /* the int 1 */
 static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
-    *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_token, *s_instance,
+    *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_instance,
     *s_lent, *s_borrowed, *s_keyed, *s_copy, *s_update, *s_digest, *s_reduce_slow, *s_janitor;
 /* What a pickled Lease calls when unpickled: client._attach_anywhere, set by
  * configure_pickling(). (A Python function: pickle names it faster than a
@@ -1547,7 +1547,6 @@ PyInit__speedups(void)
     INTERN(s_ensure_janitor, "_ensure_janitor");
     INTERN(s_flush_notices, "_flush_notices");
     INTERN(s_acquire, "acquire");
-    INTERN(s_token, "_token");
     INTERN(s_instance, "manager_instance");
     INTERN(s_lent, "_lent");
     INTERN(s_borrowed, "_borrowed");

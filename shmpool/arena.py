@@ -811,8 +811,8 @@ class Arena:
 
     def transit_count(self, slot_size: int) -> int:
         """Slots of one class in transit (detached, not attached yet)."""
-        cls = self._classes[self._index(slot_size)]
-        return cls.in_transit + self.lent_out(cls)
+        index = self._index(slot_size)
+        return self._classes[index].in_transit + self._lent_census()[0][index]
 
     def _index(self, slot_size: int) -> int:
         index = self.classes.index_of(slot_size)
@@ -1053,58 +1053,46 @@ class Arena:
 
     # ------------------------------------------------------------------- stats
 
-    def lent_out(self, cls: _Class) -> int:
-        """Slots of ``cls`` that live clients lent out and nobody has claimed yet.
+    def _lent_census(self) -> tuple[list[int], dict[int, int]]:
+        """What the books do not count of lent slots, read from their words.
 
-        The books count them leased to their lenders; their words say they
-        are in transit.
+        Per class, the slots live clients lent out and nobody claimed yet
+        (the books count them leased to their lenders; they are in transit).
+        Per client, slots lent to it minus slots it lent out: a slot a live
+        client lent out is in transit (a ticket) or held by its claimer; a
+        returned one is back with its lender.
         """
-        if self._tickets is None:
-            return 0
-        n = 0
-        conns = self._conns
-        for seg in cls.segments:
-            if seg.header:
-                found = self._find_words(seg, CLAIMED | LENT, LENT)
-                n += sum(1 for index in found if seg.holders[index] in conns)
-        return n
-
-    def _lent_census(self) -> dict[int, int]:
-        """Per client, slots lent to it minus slots it lent out (the books count neither).
-
-        A slot a live client lent out is, by its word, in transit (a
-        ticket, counted by ``lent_out``) or held by its claimer; a returned
-        one is back with its lender.
-        """
+        lent = [0] * len(self._classes)
         shift: dict[int, int] = {}
         if self._tickets is None:
-            return shift
+            return lent, shift
         conns = self._conns
-        for seg in self._segments.values():
-            if not seg.header:
-                continue
-            for index in self._find_words(seg, CLAIMED | LENT, LENT):
-                holder = seg.holders[index]
-                if holder in conns:
-                    shift[holder] = shift.get(holder, 0) - 1
-            for index in self._find_words(seg, CLAIMED, CLAIMED):
-                holder = seg.holders[index]
-                claimer = claimer_of(self._ticket_load(seg, index))
-                if claimer == holder or claimer not in conns:
-                    continue  # returned, or claimed from itself, or by one gone
-                if holder in conns:
-                    shift[holder] = shift.get(holder, 0) - 1
-                    shift[claimer] = shift.get(claimer, 0) + 1
-                elif holder == ORPHAN:
-                    shift[claimer] = shift.get(claimer, 0) + 1
-        return shift
+        for i, cls in enumerate(self._classes):
+            for seg in cls.segments:
+                if not seg.header:
+                    continue
+                for index in self._find_words(seg, CLAIMED | LENT, LENT):
+                    holder = seg.holders[index]
+                    if holder in conns:
+                        lent[i] += 1
+                        shift[holder] = shift.get(holder, 0) - 1
+                for index in self._find_words(seg, CLAIMED, CLAIMED):
+                    holder = seg.holders[index]
+                    claimer = claimer_of(self._ticket_load(seg, index))
+                    if claimer == holder or claimer not in conns:
+                        continue  # returned, or claimed from itself, or by one gone
+                    if holder in conns:
+                        shift[holder] = shift.get(holder, 0) - 1
+                        shift[claimer] = shift.get(claimer, 0) + 1
+                    elif holder == ORPHAN:
+                        shift[claimer] = shift.get(claimer, 0) + 1
+        return lent, shift
 
     def stats(self) -> dict[str, Any]:
         """A JSON-able snapshot; per class ``total == free + leased + in_transit``."""
         if self._orphans:
             self._settle_orphans(None)  # claimed or returned since (no clock here: no expiry)
-        lent = [self.lent_out(cls) for cls in self._classes]
-        shift = self._lent_census()
+        lent, shift = self._lent_census()
         return {
             "classes": [
                 {

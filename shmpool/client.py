@@ -948,67 +948,52 @@ class Pool:
         segments = self._segments
         load, cas = _speedups.load64, _speedups.cas64
         now = time.monotonic()
-        counter = [0]
+        back = done = 0
         try:
-            back = self._reclaim_each(lent, seen, segments, load, cas, now, counter)
+            for done in range(len(lent)):
+                slot = lent[done]
+                segment, index, generation = slot.ref
+                home = slot.home
+                seg = segments.get(segment)
+                if seg is None or seg.tickets is None or type(home) is not _Cache:
+                    continue
+                if self._caches[home.cls] is not home:
+                    continue  # lent by the connection this pool had before a reset
+                word = load(seg.tickets, 8 * index)
+                key = (segment, index)
+                if word == 0:
+                    seen.pop(key, None)
+                    continue
+                if p.is_returned(word):
+                    after = p.generation_at_least(word >> 32 & 0x7FFF_FFFF, generation + 1)
+                elif word >> 63:  # claimed: in use
+                    self._lent.append(slot)
+                    continue
+                else:  # a ticket, ours or a borrower's: is it waiting too long?
+                    since = seen.get(key)
+                    if since is None or since[0] != word:
+                        seen[key] = (word, now)
+                        self._lent.append(slot)
+                        continue
+                    if now - since[1] < self._transit_timeout:
+                        self._lent.append(slot)
+                        continue
+                    # Past every generation a handle of this lend may carry.
+                    after = generation + 1 + (1 << 31)
+                if not cas(seg.tickets, 8 * index, word, 0):
+                    self._lent.append(slot)  # it moved on meanwhile: look again next time
+                    continue
+                seen.pop(key, None)
+                slot.ref = _new_ref(p.SlotRef, (segment, index, after))
+                home.append(slot)
+                back += 1
         except BaseException:  # the slot it failed on, and those after it, stay lent
-            self._lent.extend(lent[max(0, counter[0] - 1) :])
+            self._lent.extend(lent[done:])
             raise
         if len(seen) > len(self._lent):  # forget slots taken back by the C pass
             out = {slot.ref[:2] for slot in self._lent}
             for key in [key for key in seen if key not in out]:
                 del seen[key]
-        return back
-
-    def _reclaim_each(
-        self,
-        lent: list[_Slot],
-        seen: dict[tuple[int, int], tuple[int, float]],
-        segments: dict[int, _Segment],
-        load: Any,
-        cas: Any,
-        now: float,
-        counter: list[int],
-    ) -> int:
-        """``_reclaim_lent``'s loop; ``counter[0]`` counts the slots it is done with."""
-        back = 0
-        for slot in lent:
-            counter[0] += 1
-            segment, index, generation = slot.ref
-            home = slot.home
-            seg = segments.get(segment)
-            if seg is None or seg.tickets is None or type(home) is not _Cache:
-                continue
-            if self._caches[home.cls] is not home:
-                continue  # lent by the connection this pool had before a reset
-            word = load(seg.tickets, 8 * index)
-            key = (segment, index)
-            if word == 0:
-                seen.pop(key, None)
-                continue
-            if p.is_returned(word):
-                after = p.generation_at_least(word >> 32 & 0x7FFF_FFFF, generation + 1)
-            elif word >> 63:  # claimed: in use
-                self._lent.append(slot)
-                continue
-            else:  # a ticket, ours or a borrower's: is it waiting too long?
-                since = seen.get(key)
-                if since is None or since[0] != word:
-                    seen[key] = (word, now)
-                    self._lent.append(slot)
-                    continue
-                if now - since[1] < self._transit_timeout:
-                    self._lent.append(slot)
-                    continue
-                # Past every generation a handle of this lend may carry.
-                after = generation + 1 + (1 << 31)
-            if not cas(seg.tickets, 8 * index, word, 0):
-                self._lent.append(slot)  # it moved on meanwhile: look again next time
-                continue
-            seen.pop(key, None)
-            slot.ref = _new_ref(p.SlotRef, (segment, index, after))
-            home.append(slot)
-            back += 1
         return back
 
     def _publish_ticket(self, ref: p.SlotRef, word: int) -> bool:

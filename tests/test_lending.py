@@ -21,20 +21,20 @@ import them; they get the manager's address explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
 import pickle
 import random
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import all_returned, assert_balanced, client_entries, wait_for
-from test_handoff import assert_transit_balanced, class_of, pattern
+from test_handoff import _reap, _recv, assert_transit_balanced, class_of, pattern
+from test_tickets import _pure
 
 import shmpool
 from shmpool import buffer, janitor
@@ -88,18 +88,6 @@ def _mapped(lender: shmpool.Pool, *receivers: shmpool.Pool) -> None:
     assert not lender._lent
 
 
-def _recv(conn: Any, timeout: float = MP_TIMEOUT) -> Any:
-    if not conn.poll(timeout):
-        raise AssertionError(f"no message from a child within {timeout} s")
-    return conn.recv()
-
-
-def _reap(proc: Any) -> None:
-    if proc.is_alive():
-        proc.kill()
-    proc.join(MP_TIMEOUT)
-
-
 def _kill(proc: Any) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(MP_TIMEOUT)
@@ -129,6 +117,22 @@ def lend_and_hang(address: str, conn: Any, done: Any) -> None:
     conn.send((os.getpid(), lease.detach()))
     done.wait(MP_TIMEOUT)  # never set: the test kills us first
     pool.close()
+
+
+@contextlib.contextmanager
+def _lender(ctx: Any, address: str) -> Iterator[tuple[Any, int, shmpool.Handle]]:
+    """A child (``lend_and_hang``) that lent a slot: it, its pid, the handle; reaped after."""
+    parent_end, child_end = ctx.Pipe()
+    done = ctx.Event()
+    proc = ctx.Process(target=lend_and_hang, args=(address, child_end, done))
+    proc.start()
+    child_end.close()
+    try:
+        pid, handle = _recv(parent_end)
+        yield proc, pid, handle
+    finally:
+        _reap(proc)
+        parent_end.close()
 
 
 def borrow_and_hang(address: str, conn: Any, done: Any) -> None:
@@ -237,16 +241,10 @@ def test_a_handle_attached_after_its_lender_was_killed(
     ``mapped``: the receiver has the lender's segment mapped already, so it
     claims the word itself; otherwise the manager hands it over.
     """
-    parent_end, child_end = mp_context.Pipe()
-    done = mp_context.Event()
     with _pool(manager.address, "late-receiver") as pool:
         if mapped:
             pool.acquire(SIZE).release()  # maps the 8 KiB segment the lender will use
-        proc = mp_context.Process(target=lend_and_hang, args=(manager.address, child_end, done))
-        proc.start()
-        child_end.close()
-        try:
-            pid, handle = _recv(parent_end)
+        with _lender(mp_context, manager.address) as (proc, pid, handle):
             assert (handle.segment in pool._segments) == mapped
             _kill(proc)
             dropped = _gone(pool, pid)
@@ -274,9 +272,6 @@ def test_a_handle_attached_after_its_lender_was_killed(
             assert_balanced(stats)
             pool.trim()
             wait_for(lambda: all_returned(pool.stats()))
-        finally:
-            _reap(proc)
-            parent_end.close()
 
 
 @pytest.mark.timeout(MP_TIMEOUT * 2)
@@ -285,28 +280,19 @@ def test_a_killed_lenders_handle_expires(mp_context: Any) -> None:
     with (
         shmpool.start(memory="16MiB", transit_timeout=0.5) as mgr,
         mgr.connect(name="bystander") as pool,
+        _lender(mp_context, mgr.address) as (proc, pid, handle),
     ):
-        parent_end, child_end = mp_context.Pipe()
-        done = mp_context.Event()
-        proc = mp_context.Process(target=lend_and_hang, args=(mgr.address, child_end, done))
-        proc.start()
-        child_end.close()
-        try:
-            pid, handle = _recv(parent_end)
-            assert pool.stats()["in_transit"] == 1  # lent, unclaimed
-            _kill(proc)
-            _gone(pool, pid)
-            freed = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s, timeout=15)
-            assert class_of(freed, SLOT)["in_transit"] == 0
-            assert_transit_balanced(freed)
-            assert_balanced(freed)
-            with pytest.raises(shmpool.StaleHandleError):
-                pool.attach(handle)
-            pool.trim()
-            wait_for(lambda: all_returned(pool.stats()))
-        finally:
-            _reap(proc)
-            parent_end.close()
+        assert pool.stats()["in_transit"] == 1  # lent, unclaimed
+        _kill(proc)
+        _gone(pool, pid)
+        freed = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s, timeout=15)
+        assert class_of(freed, SLOT)["in_transit"] == 0
+        assert_transit_balanced(freed)
+        assert_balanced(freed)
+        with pytest.raises(shmpool.StaleHandleError):
+            pool.attach(handle)
+        pool.trim()
+        wait_for(lambda: all_returned(pool.stats()))
 
 
 @pytest.mark.timeout(MP_TIMEOUT * 2)
@@ -315,16 +301,10 @@ def test_a_lender_killed_while_we_hold_its_slot(
     manager: shmpool.ManagerProcess, mp_context: Any, mapped: bool
 ) -> None:
     """The manager gives the slot to its borrower; released, it joins the borrower's cache."""
-    parent_end, child_end = mp_context.Pipe()
-    done = mp_context.Event()
     with _pool(manager.address, "borrower") as pool:
         if mapped:
             pool.acquire(SIZE).release()
-        proc = mp_context.Process(target=lend_and_hang, args=(manager.address, child_end, done))
-        proc.start()
-        child_end.close()
-        try:
-            pid, handle = _recv(parent_end)
+        with _lender(mp_context, manager.address) as (proc, pid, handle):
             assert (handle.segment in pool._segments) == mapped
             got = pool.attach(handle)
             assert got._slot.home is pool._borrowed
@@ -361,9 +341,6 @@ def test_a_lender_killed_while_we_hold_its_slot(
             again.release()
             pool.trim()
             wait_for(lambda: all_returned(pool.stats()))
-        finally:
-            _reap(proc)
-            parent_end.close()
 
 
 @pytest.mark.timeout(MP_TIMEOUT * 2)
@@ -371,16 +348,10 @@ def test_a_borrower_hands_on_a_slot_whose_lender_died(
     manager: shmpool.ManagerProcess, mp_context: Any
 ) -> None:
     """The slot became the borrower's: it lends it on as one of its own."""
-    parent_end, child_end = mp_context.Pipe()
-    done = mp_context.Event()
     with _pool(manager.address, "borrower") as pool, _pool(manager.address, "next") as nxt:
         pool.acquire(SIZE).release()
         nxt.acquire(SIZE).release()
-        proc = mp_context.Process(target=lend_and_hang, args=(manager.address, child_end, done))
-        proc.start()
-        child_end.close()
-        try:
-            pid, handle = _recv(parent_end)
+        with _lender(mp_context, manager.address) as (proc, pid, handle):
             got = pool.attach(handle)
             _kill(proc)
             _gone(pool, pid)
@@ -398,9 +369,6 @@ def test_a_borrower_hands_on_a_slot_whose_lender_died(
             pool.trim()
             nxt.trim()
             wait_for(lambda: all_returned(pool.stats()))
-        finally:
-            _reap(proc)
-            parent_end.close()
 
 
 # ----------------------------------------------- a borrower that dies
@@ -621,16 +589,6 @@ pool.close()
 """
 
 
-def _pure(script: str, address: str, cwd: Any) -> subprocess.Popen[str]:
-    """A Python without shmpool's C extension, running ``script`` with ``address``."""
-    env = dict(os.environ, SHMPOOL_NO_SPEEDUPS="1")
-    return subprocess.Popen(
-        [sys.executable, "-c", script, address],
-        cwd=cwd, env=env, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def pure_borrower(manager: shmpool.ManagerProcess, tmp_path: Any) -> Iterator[Any]:
     proc = _pure(PURE_BORROWER, manager.address, tmp_path)
@@ -687,17 +645,10 @@ def test_a_borrower_without_the_extension_returns_the_slot_by_notice(
 # ------------------------------------------------ found in review (regressions)
 
 
-def _dead_lender(address: str) -> tuple[Any, shmpool.Handle]:
-    """A forked child that lends a slot and is killed: its handle, unattached."""
-    ctx = multiprocessing.get_context("fork")
-    parent_end, child_end = ctx.Pipe()
-    done = ctx.Event()
-    proc = ctx.Process(target=lend_and_hang, args=(address, child_end, done))
-    proc.start()
-    child_end.close()
-    pid, handle = _recv(parent_end)
-    parent_end.close()
-    _kill(proc)
+def _dead_lender(address: str) -> tuple[int, shmpool.Handle]:
+    """A forked child that lends a slot and is killed: its pid and its handle, unattached."""
+    with _lender(multiprocessing.get_context("fork"), address) as (proc, pid, handle):
+        _kill(proc)
     return pid, handle
 
 
