@@ -13,7 +13,10 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <pthread.h>
-#include <unistd.h>
+#include <unistd.h> /* getentropy (glibc) */
+#ifdef __APPLE__
+#include <sys/random.h> /* getentropy (macOS) */
+#endif
 
 static PyObject *LeaseClosedError;
 static PyObject *s_release, *s_home, *s_view, *s_append, *s_high, *s_pool, *s_trim;
@@ -534,7 +537,7 @@ static PyObject *one; /* the int 1 */
 static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
     *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_instance,
-    *s_lent, *s_borrowed, *s_keyed, *s_copy, *s_update, *s_digest, *s_reduce_slow, *s_janitor;
+    *s_lent, *s_borrowed, *s_reduce_slow, *s_janitor;
 /* What a pickled Lease calls when unpickled: client._attach_anywhere, set by
  * configure_pickling(). (A Python function: pickle names it faster than a
  * built-in one, and its fast path is Pool._take, in C.) */
@@ -593,11 +596,16 @@ attr_none(PyObject *obj, PyObject *name)
 /* This process's id: getpid() is a system call (0.15 µs here), and fork()
  * resets it in the child (the pthread_atfork handler set at import). */
 static pid_t this_pid;
+/* fresh_token()'s batch of random tokens, and how many are left in it */
+#define TOKEN_BATCH 32
+static uint64_t token_batch[TOKEN_BATCH];
+static int tokens_left = 0;
 
 static void
 reset_pid(void)
 {
     this_pid = getpid();
+    tokens_left = 0; /* after a fork: the parent's batch is the parent's */
 }
 
 /* The pool's connection is this process's and usable (its lock held):
@@ -922,46 +930,26 @@ hand_off(PyObject *module, PyObject *args)
     return hand_off_impl(pool, lease);
 }
 
-/* The token of a handle of slot (segment, index) at `generation`:
- * protocol.token_maker's function, with the keyed BLAKE2b object it keeps
- * (Pool._keyed) driven from here. 0 with an exception on error. */
+/* The token of a lent slot: 62 bits from the operating system's random
+ * source, odd (never 0), drawn 32 at a time. Only the ticket word it goes
+ * into and the handle that carries it ever hold it: a borrower and the
+ * manager compare a lent slot's word, never a key (protocol.token_maker's
+ * keyed hash is for handoffs the manager books from notices). A fork
+ * drops the batch, so a child never repeats its parent's tokens. 0 with an
+ * exception on error. */
+
 static uint64_t
-token_of(PyObject *pool, PyObject *segment, PyObject *index, PyObject *generation)
+fresh_token(void)
 {
-    unsigned char packed[24];
-    PyObject *parts[3] = {segment, index, generation};
-    for (int i = 0; i < 3; i++) {
-        unsigned long long v = PyLong_AsUnsignedLongLong(parts[i]);
-        if (v == (unsigned long long)-1 && PyErr_Occurred())
+    if (tokens_left == 0) {
+        if (getentropy(token_batch, sizeof token_batch) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
             return 0;
-        for (int b = 0; b < 8; b++)
-            packed[8 * i + b] = (unsigned char)(v >> (8 * b));
+        }
+        tokens_left = TOKEN_BATCH;
     }
-    PyObject *keyed = PyObject_GetAttr(pool, s_keyed);
-    if (keyed == NULL)
-        return 0;
-    PyObject *h = PyObject_CallMethodNoArgs(keyed, s_copy);
-    Py_DECREF(keyed);
-    if (h == NULL)
-        return 0;
-    PyObject *data = PyBytes_FromStringAndSize((const char *)packed, 24);
-    PyObject *r = data ? PyObject_CallMethodOneArg(h, s_update, data) : NULL;
-    Py_XDECREF(data);
-    PyObject *digest = r ? PyObject_CallMethodNoArgs(h, s_digest) : NULL;
-    Py_XDECREF(r);
-    Py_DECREF(h);
-    if (digest == NULL)
-        return 0;
-    if (!PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 8) {
-        Py_DECREF(digest);
-        PyErr_SetString(PyExc_ValueError, "Pool._keyed must give 8-byte digests");
-        return 0;
-    }
-    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(digest);
-    uint64_t token = 0;
-    for (int b = 7; b >= 0; b--)
-        token = token << 8 | d[b];
-    Py_DECREF(digest);
+    uint64_t token = token_batch[--tokens_left];
+    token_batch[tokens_left] = 0;
     return (token & 0x3FFFFFFFFFFFFFFFULL) | 1;
 }
 
@@ -1014,7 +1002,7 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
     uint64_t word = 0;
     if (ok > 0) {
         next = PyNumber_Add(generation, one);
-        uint64_t tok = next ? token_of(pool, segment, index, next) : 0;
+        uint64_t tok = next ? fresh_token() : 0;
         token = tok ? PyLong_FromUnsignedLongLong(tok) : NULL;
         if (token == NULL)
             ok = -1;
@@ -1550,10 +1538,6 @@ PyInit__speedups(void)
     INTERN(s_instance, "manager_instance");
     INTERN(s_lent, "_lent");
     INTERN(s_borrowed, "_borrowed");
-    INTERN(s_keyed, "_keyed");
-    INTERN(s_copy, "copy");
-    INTERN(s_update, "update");
-    INTERN(s_digest, "digest");
     INTERN(s_reduce_slow, "_reduce_slow");
     INTERN(s_janitor, "_janitor");
 

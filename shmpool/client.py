@@ -581,7 +581,6 @@ class Pool:
         self.client_id = reply.client_id
         self._tickets_on = bool(reply.tickets) and _speedups is not None
         self._token = p.token_maker(reply.key)
-        self._keyed = self._token.keyed  # the same keyed BLAKE2b, for the C hand_off
         self._transit_timeout = reply.transit_ms / 1000
         return reply
 

@@ -528,7 +528,6 @@ def token_maker(key: int) -> Callable[[int, int, int], int]:
         h.update(pack(segment, index, generation))
         return (from_bytes(h.digest(), "little") & _TICKET_BITS) | 1
 
-    token.keyed = keyed  # type: ignore[attr-defined]  # for the C twin (_speedups.token_of)
     return token
 
 

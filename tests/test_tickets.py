@@ -430,20 +430,52 @@ def test_slots_claimed_but_not_yet_told_are_recalled_for_a_short_acquire() -> No
         assert stats["classes"][0]["total"] == 4  # no memory beyond the budget
 
 
-def test_the_c_token_is_the_python_one(mgr: shmpool.ManagerProcess) -> None:
-    """Pickling in C computes the token with the same keyed BLAKE2b as ``token_maker``."""
+def _lend_one_token(address: str, conn: Any) -> None:
+    with shmpool.Pool(address) as pool:
+        lease = pool.acquire(SIZE)
+        fields = lease.__reduce__()[1]
+        conn.send(fields[4])
+        pool.attach(shmpool.Handle(*fields)).release()  # take it back before closing
+
+
+def test_a_forked_child_draws_its_own_tokens(mgr: shmpool.ManagerProcess) -> None:
+    """A fork drops the parent's batch of random tokens: the child does not repeat them."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with mgr.connect() as a:
+        a.acquire(SIZE).__reduce__()  # the parent draws a batch
+        ours, theirs = ctx.Pipe()
+        child = ctx.Process(target=_lend_one_token, args=(mgr.address, theirs))
+        child.start()
+        assert ours.poll(30)
+        token = ours.recv()
+        child.join(30)
+        assert child.exitcode == 0
+        fields = a.acquire(SIZE).__reduce__()[1]
+        assert fields[4] != token
+        a.attach(shmpool.Handle(*fields)).release()
+        ours.close()
+        theirs.close()
+
+
+def test_the_c_token_is_fresh_for_every_lend(mgr: shmpool.ManagerProcess) -> None:
+    """Pickling in C draws each lent slot's token at random: odd, 62 bits, never repeated."""
     import pickle
 
     with mgr.connect() as a, mgr.connect() as b:
         _mapped(a, b)
+        tokens = set()
         for _ in range(50):
             lease = a.acquire(SIZE)
             fields = lease.__reduce__()[1]  # the C path: the handle as plain ints
             handle = shmpool.Handle(*fields)
-            assert handle.token == a._token(handle.segment, handle.index, handle.generation)
+            assert handle.token & 1 and 0 < handle.token < 1 << 62
+            tokens.add(handle.token)
             assert _ticket(a, handle) == lent_word(handle.token, handle.generation)
             got = b.attach(handle)
             got.release()
+        assert len(tokens) == 50
         lease = a.acquire(SIZE)
         lease.view[:3] = b"abc"
         got = pickle.loads(pickle.dumps(lease))
