@@ -13,6 +13,7 @@ socket; workers write through a memoryview and give the slot back.
 from .address import ENV_VAR
 from .buffer import Lease
 from .client import Pool, connect
+from .client import _attach_anywhere as _attach_anywhere  # what an unpickled Lease calls
 from .embedded import ManagerProcess, start
 from .errors import (
     AccessDeniedError,

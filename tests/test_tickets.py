@@ -482,3 +482,51 @@ def test_the_c_token_is_fresh_for_every_lend(mgr: shmpool.ManagerProcess) -> Non
         assert bytes(got.view[:3]) == b"abc"
         got.release()
         assert_balanced(a.stats())
+
+
+def test_a_pickled_lease_names_the_package(mgr: shmpool.ManagerProcess) -> None:
+    """Pickles name ``shmpool._attach_anywhere``; one naming ``shmpool.client`` still loads."""
+    import pickle
+
+    with mgr.connect() as a, mgr.connect() as b:
+        _mapped(a, b)
+        lease = a.acquire(SIZE)
+        lease.view[:2] = b"hi"
+        data = pickle.dumps(lease)
+        assert b"shmpool.client" not in data and b"\x07shmpool" in data
+        got = pickle.loads(data)
+        assert bytes(got.view[:2]) == b"hi"
+        got.release()
+        lease = a.acquire(SIZE)
+        lease.view[:2] = b"ho"
+        fields = lease.__reduce__()[1]
+        args = pickle.dumps(fields, 2)[2:-1]  # the tuple's opcodes, without header and STOP
+        older = b"\x80\x02cshmpool.client\n_attach_anywhere\n" + args + b"R."
+        got = pickle.loads(older)
+        assert bytes(got.view[:2]) == b"ho"
+        got.release()
+        assert_balanced(a.stats())
+
+
+def test_a_pool_subclass_lends_through_getattr(mgr: shmpool.ManagerProcess) -> None:
+    """The C paths read a Pool's members at their offsets; a subclass's through getattr."""
+
+    class Mine(shmpool.Pool):
+        pass
+
+    with Mine(mgr.address) as a, mgr.connect() as b:
+        _mapped(a, b)
+        for _ in range(3):
+            lease = a.acquire(SIZE)
+            lease.view[:3] = b"sub"
+            handle = shmpool.Handle(*lease.__reduce__()[1])  # the C hand_off
+            assert _ticket(a, handle) == lent_word(handle.token, handle.generation)
+            got = b.attach(handle)
+            assert bytes(got.view[:3]) == b"sub"
+            got.release()
+        assert_balanced(a.stats())
+
+
+def test_configure_members_refuses_a_class_without_the_slots() -> None:
+    with pytest.raises(TypeError, match="__slots__ member"):
+        buffer._speedups.configure_members(shmpool.Pool, object)
