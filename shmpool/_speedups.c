@@ -542,7 +542,7 @@ static PyTypeObject *SlotRefType, *LeaseType, *BorrowedType;
 static Py_ssize_t off_slot_ref = -1, off_slot_capacity = -1, off_cache_pool = -1,
                   off_cache_cls = -1;
 static Py_ssize_t notice_batch = 64;
-static PyObject *one; /* the int 1 */
+static PyObject *one, *zero; /* the ints 1 and 0 */
 static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
     *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_instance,
@@ -887,12 +887,13 @@ done:
 static PyObject *take_impl(PyObject *pool, PyObject *fields);
 
 static PyObject *
-take(PyObject *module, PyObject *args)
+take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *pool, *fields;
-    if (!PyArg_ParseTuple(args, "OO!", &pool, &PyTuple_Type, &fields))
+    if (nargs != 2 || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "take(pool, fields: tuple)");
         return NULL;
-    return take_impl(pool, fields);
+    }
+    return take_impl(args[0], args[1]);
 }
 
 /* Pool._take: see take() in the module's methods. */
@@ -995,13 +996,13 @@ done:
 static PyObject *hand_off_impl(PyObject *pool, LeaseObject *lease);
 
 static PyObject *
-hand_off(PyObject *module, PyObject *args)
+hand_off(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *pool;
-    LeaseObject *lease;
-    if (!PyArg_ParseTuple(args, "OO!", &pool, &LeaseBaseType, &lease))
+    if (nargs != 2 || !PyObject_TypeCheck(args[1], &LeaseBaseType)) {
+        PyErr_SetString(PyExc_TypeError, "hand_off(pool, lease: Lease)");
         return NULL;
-    return hand_off_impl(pool, lease);
+    }
+    return hand_off_impl(args[0], (LeaseObject *)args[1]);
 }
 
 /* The token of a lent slot: 62 bits from the operating system's random
@@ -1097,9 +1098,12 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
     }
     if (ok > 0) {
         PyObject *instance = get_attr(pool, s_instance);
-        result = instance ? Py_BuildValue("(OOOOOnOi)", instance, segment, index, next, token,
-                                          length, capacity, 0)
-                          : NULL;
+        PyObject *items[8] = {instance, segment, index, next, token,
+                              instance ? PyLong_FromSsize_t(length) : NULL, capacity, zero};
+        result = items[5] ? PyTuple_New(8) : NULL;
+        for (int i = 0; result != NULL && i < 8; i++)
+            PyTuple_SET_ITEM(result, i, i == 5 ? Py_NewRef(items[5]) : Py_NewRef(items[i]));
+        Py_XDECREF(items[5]);
         Py_XDECREF(instance);
         PyObject *lent = result ? get_attr(pool, s_lent) : NULL;
         if (lent == NULL || !PyList_CheckExact(lent) ||
@@ -1591,8 +1595,8 @@ static PyMethodDef module_methods[] = {
     {"reclaim", reclaim, METH_O, "reclaim(pool) -> slots taken back (Pool._reclaim_lent, no expiry)"},
     {"carve", carve, METH_VARARGS, "carve(segments, slot_size, home, refs) -> [_Slot] or None"},
     {"slot_refs", slot_refs, METH_VARARGS, "slot_refs(value, SlotRef) -> tuple or None"},
-    {"take", take, METH_VARARGS, "take(pool, fields) -> Lease or None (Pool._take)"},
-    {"hand_off", hand_off, METH_VARARGS, "hand_off(pool, lease) -> fields or None (Pool._hand_off)"},
+    {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL, "take(pool, fields) -> Lease or None (Pool._take)"},
+    {"hand_off", (PyCFunction)(void (*)(void))hand_off, METH_FASTCALL, "hand_off(pool, lease) -> fields or None (Pool._hand_off)"},
     {NULL},
 };
 
@@ -1637,7 +1641,7 @@ PyInit__speedups(void)
     INTERN(s_reduce_slow, "_reduce_slow");
     INTERN(s_janitor, "_janitor");
 
-    if ((one = PyLong_FromLong(1)) == NULL)
+    if ((one = PyLong_FromLong(1)) == NULL || (zero = PyLong_FromLong(0)) == NULL)
         return NULL;
     reset_pid();
     if (pthread_atfork(NULL, NULL, reset_pid) != 0) {
