@@ -1098,12 +1098,14 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
     }
     if (ok > 0) {
         PyObject *instance = get_attr(pool, s_instance);
-        PyObject *items[8] = {instance, segment, index, next, token,
-                              instance ? PyLong_FromSsize_t(length) : NULL, capacity, zero};
-        result = items[5] ? PyTuple_New(8) : NULL;
-        for (int i = 0; result != NULL && i < 8; i++)
-            PyTuple_SET_ITEM(result, i, i == 5 ? Py_NewRef(items[5]) : Py_NewRef(items[i]));
-        Py_XDECREF(items[5]);
+        PyObject *size = instance ? PyLong_FromSsize_t(length) : NULL;
+        result = size ? PyTuple_New(8) : NULL; /* the Handle's fields, in order */
+        if (result != NULL) {
+            PyObject *items[8] = {instance, segment, index, next, token, size, capacity, zero};
+            for (int i = 0; i < 8; i++)
+                PyTuple_SET_ITEM(result, i, Py_NewRef(items[i]));
+        }
+        Py_XDECREF(size);
         Py_XDECREF(instance);
         PyObject *lent = result ? get_attr(pool, s_lent) : NULL;
         if (lent == NULL || !PyList_CheckExact(lent) ||
