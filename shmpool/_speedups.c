@@ -13,10 +13,7 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <pthread.h>
-#include <unistd.h> /* getentropy (glibc) */
-#ifdef __APPLE__
-#include <sys/random.h> /* getentropy (macOS) */
-#endif
+#include <unistd.h>
 
 static PyObject *LeaseClosedError;
 static PyObject *s_release, *s_home, *s_view, *s_append, *s_high, *s_pool, *s_trim;
@@ -1005,22 +1002,32 @@ hand_off(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return hand_off_impl(args[0], (LeaseObject *)args[1]);
 }
 
-/* The token of a lent slot: 62 bits from the operating system's random
- * source, odd (never 0), drawn 32 at a time. Only the ticket word it goes
- * into and the handle that carries it ever hold it: a borrower and the
+/* The token of a slot lent by pickling: 62 bits (61 random, the lowest set
+ * so that it is never 0) from os.urandom, drawn 32 at a time (os.urandom
+ * knows every system's source and its fallbacks). Only the ticket word it
+ * goes into and the handle that carries it ever hold it: a borrower and the
  * manager compare a lent slot's word, never a key (protocol.token_maker's
- * keyed hash is for handoffs the manager books from notices). A fork
- * drops the batch, so a child never repeats its parent's tokens. 0 with an
- * exception on error. */
+ * keyed hash is for handoffs the manager books from notices). A fork drops
+ * the batch, so a child never repeats its parent's tokens. os.urandom may
+ * let other threads run; each token is taken, and its place cleared, with
+ * the GIL held, so two callers never get the same one. 0 with an exception
+ * on error. */
+static PyObject *urandom; /* os.urandom */
 
 static uint64_t
 fresh_token(void)
 {
     if (tokens_left == 0) {
-        if (getentropy(token_batch, sizeof token_batch) != 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
+        PyObject *fresh = PyObject_CallFunction(urandom, "n", (Py_ssize_t)sizeof token_batch);
+        if (fresh == NULL)
+            return 0;
+        if (!PyBytes_Check(fresh) || PyBytes_GET_SIZE(fresh) != (Py_ssize_t)sizeof token_batch) {
+            Py_DECREF(fresh);
+            PyErr_SetString(PyExc_ValueError, "os.urandom gave the wrong number of bytes");
             return 0;
         }
+        memcpy(token_batch, PyBytes_AS_STRING(fresh), sizeof token_batch);
+        Py_DECREF(fresh);
         tokens_left = TOKEN_BATCH;
     }
     uint64_t token = token_batch[--tokens_left];
@@ -1650,6 +1657,11 @@ PyInit__speedups(void)
         PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
         return NULL;
     }
+    PyObject *os_module = PyImport_ImportModule("os");
+    urandom = os_module ? PyObject_GetAttrString(os_module, "urandom") : NULL;
+    Py_XDECREF(os_module);
+    if (urandom == NULL)
+        return NULL;
     memoryview_release = PyObject_GetAttrString((PyObject *)&PyMemoryView_Type, "release");
     if (memoryview_release == NULL)
         return NULL;

@@ -1,9 +1,9 @@
 """Handles: a leased slot on its way from one process to another.
 
 Ownership moves in two steps. ``lease.detach()`` puts the slot *in transit*
-under an unguessable token (random for a lent class slot, else a keyed hash
-of the slot and its next generation, which only this connection and the
-manager can compute) and returns a ``Handle`` naming
+under an unguessable token (a keyed hash of the slot and its next
+generation, which only this connection and the manager can compute; random
+bits when the C extension pickles a lease) and returns a ``Handle`` naming
 the slot, its next generation and that token. A class slot is *lent*: the
 token goes in the slot's ticket word (``protocol.lent_word``) and the
 manager hears nothing; the slot comes back to this process's cache when the

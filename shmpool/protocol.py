@@ -90,7 +90,9 @@ __all__ = [
     "token_maker",
 ]
 
-VERSION = 4
+#: Bumped whenever clients of one manager could not work together, down to how a
+#: pickled Lease names the function that loads it (5: ``shmpool._attach_anywhere``).
+VERSION = 5
 #: Largest request datagram a client may send (a full Release batch fits easily).
 MAX_REQUEST = 16 * 1024
 #: Largest reply datagram the manager sends (below the ~200 KiB SEQPACKET limit).
