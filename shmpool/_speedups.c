@@ -559,6 +559,20 @@ ticket_word(uint64_t token, uint64_t generation)
 /* protocol.LENT: the bit of a ticket word that a lender published. */
 #define LENT (1ULL << 62)
 
+/* protocol.returned_word: bit 63 and the generation's low 31 bits (client 0). */
+static uint64_t
+returned_word(uint64_t generation)
+{
+    return (1ULL << 63) | ((generation & 0x7FFFFFFFULL) << 32);
+}
+
+/* protocol.claim_word: returned_word with the claimer's client id. */
+static uint64_t
+claim_word(uint64_t client_id, uint64_t generation)
+{
+    return returned_word(generation) | (client_id & 0xFFFFFFFFULL);
+}
+
 #define NOTICE_DETACHED 0
 #define NOTICE_CLAIMED 1
 #define NOTICE_WORDS 5
@@ -927,7 +941,7 @@ take_impl(PyObject *pool, PyObject *fields)
     if (attr_ssize(pool, s_client_id, &client_id) < 0 ||
         attr_ssize(pool, s_min_shift, &min_shift) < 0)
         goto done;
-    claimed = (1ULL << 63) | ((gen & 0x7FFFFFFFULL) << 32) | ((uint64_t)client_id & 0xFFFFFFFFULL);
+    claimed = claim_word((uint64_t)client_id, gen);
     if ((lock = get_attr(pool, s_lock)) == NULL || lock_call(lock, s_acquire) < 0) {
         Py_CLEAR(lock);
         goto done;
@@ -1382,9 +1396,9 @@ give_back(PyObject *home, PyObject *slot)
         r = PyErr_Occurred() ? -1 : 0;
         goto done;
     }
-    uint64_t low = (PyLong_AsUnsignedLongLongMask(generation) & 0x7FFFFFFFULL) << 32;
-    uint64_t claimed = (1ULL << 63) | low | ((uint64_t)client_id & 0xFFFFFFFFULL);
-    r = ticket_cas(tickets, idx, claimed, (1ULL << 63) | low); /* 0: the Python path decides */
+    uint64_t gen = PyLong_AsUnsignedLongLongMask(generation);
+    r = ticket_cas(tickets, idx, claim_word((uint64_t)client_id, gen),
+                   returned_word(gen)); /* 0: the Python path decides */
 done:
     Py_DECREF(pool);
     Py_XDECREF(mine);
