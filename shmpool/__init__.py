@@ -22,8 +22,10 @@ from .errors import (
     PoolClosedError,
     PoolExhaustedError,
     ProtocolError,
+    QuotaExceededError,
     ShmpoolError,
     StaleHandleError,
+    TooManyClientsError,
     UsageError,
 )
 from .handle import Handle
@@ -47,9 +49,11 @@ __all__ = [
     "PoolClosedError",
     "PoolExhaustedError",
     "ProtocolError",
+    "QuotaExceededError",
     "SharedBuffer",
     "ShmpoolError",
     "StaleHandleError",
+    "TooManyClientsError",
     "UsageError",
     "__version__",
     "connect",

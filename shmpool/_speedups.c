@@ -113,19 +113,36 @@ lease_new_raw(PyTypeObject *type, PyObject *slot, Py_ssize_t size)
     return (PyObject *)lease;
 }
 
-/* Close the lease: release the view it handed out. 1 done, 0 closed already, -1 error. */
+/* Close the lease: release the view it handed out. 1 done, 0 closed already, -1 error.
+ * The view goes first: while something exports it, it refuses (BufferError) and
+ * the lease stays open, its slot neither returned nor lost (buffer._close). No
+ * Python code runs in between, so no other thread closes the lease meanwhile. */
 static int
 lease_close_view(LeaseObject *self)
 {
     PyObject *view = self->view;
     if (view == NULL)
         return 0;
-    self->view = NULL;
     PyObject *r = PyObject_CallOneArg(memoryview_release, view);
-    Py_DECREF(view);
-    if (r == NULL)
+    if (r == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_BufferError)) { /* buffer._still_exported */
+            PyObject *type, *cause, *tb;
+            PyErr_Fetch(&type, &cause, &tb);
+            PyErr_NormalizeException(&type, &cause, &tb);
+            PyErr_Format(PyExc_BufferError,
+                         "the lease's view is still exported (%S): release that export (a "
+                         "PickleBuffer, a buffer held by a C extension or by I/O in another "
+                         "thread) first, then close the lease again; it stays open until then",
+                         cause);
+            Py_XDECREF(type);
+            Py_XDECREF(cause);
+            Py_XDECREF(tb);
+        }
         return -1;
+    }
     Py_DECREF(r);
+    self->view = NULL;
+    Py_DECREF(view);
     return 1;
 }
 
@@ -556,6 +573,19 @@ ticket_word(uint64_t token, uint64_t generation)
     return (token ^ (generation * 0x9E3779B97F4A7C15ULL)) & 0x3FFFFFFFFFFFFFFFULL;
 }
 
+/* protocol.seal_token: the token a Handle carries, sealed with the handle's
+ * length, capacity and readers (each times an odd constant, XORed in); its
+ * own inverse, so the same call unseals a handle's token. A receiver that
+ * reads a changed field unseals a token that no ticket word and no record
+ * holds. */
+static uint64_t
+seal_token(uint64_t token, uint64_t length, uint64_t capacity, uint64_t readers)
+{
+    return (token ^ (length * 0xBF58476D1CE4E5B9ULL) ^ (capacity * 0x94D049BB133111EBULL) ^
+            (readers * 0xFF51AFD7ED558CCDULL)) &
+           0x3FFFFFFFFFFFFFFFULL;
+}
+
 /* protocol.LENT: the bit of a ticket word that a lender published. */
 #define LENT (1ULL << 62)
 
@@ -919,13 +949,15 @@ take_impl(PyObject *pool, PyObject *fields)
                capacity = natural(PyTuple_GET_ITEM(fields, 6)),
                readers = natural(PyTuple_GET_ITEM(fields, 7));
     if (!PyLong_CheckExact(segment) || natural(generation) < 0 || !PyLong_CheckExact(token) ||
-        idx < 0 || length < 0 || capacity <= 0 || readers != 0)
+        idx < 0 || length < 0 || capacity <= 0 || length > capacity || readers != 0)
         Py_RETURN_NONE;
-    unsigned long long tok = PyLong_AsUnsignedLongLong(token);
-    if (tok == (unsigned long long)-1 && PyErr_Occurred()) {
+    unsigned long long sealed = PyLong_AsUnsignedLongLong(token);
+    if (sealed == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
         Py_RETURN_NONE;
     }
+    /* the handoff's token: a changed length or capacity gives another, which the word lacks */
+    uint64_t tok = seal_token(sealed, (uint64_t)length, (uint64_t)capacity, 0);
     unsigned long long gen = PyLong_AsUnsignedLongLongMask(generation);
     int on = attr_true(pool, s_tickets_on);
     if (on <= 0)
@@ -961,8 +993,13 @@ take_impl(PyObject *pool, PyObject *fields)
             if ((home = get_attr(pool, s_borrowed)) == NULL)
                 ok = -1;
         }
-        else if (queue_notice(pool, NOTICE_CLAIMED, segment, index, generation, token) < 0)
-            ok = -1;
+        else { /* in the manager's keeping: the notice names the handoff's token */
+            PyObject *handoff = PyLong_FromUnsignedLongLong(tok);
+            if (handoff == NULL ||
+                queue_notice(pool, NOTICE_CLAIMED, segment, index, generation, handoff) < 0)
+                ok = -1;
+            Py_XDECREF(handoff);
+        }
     }
     if (ok > 0 && home == NULL) {
         PyObject *caches = get_attr(pool, s_caches);
@@ -1071,7 +1108,7 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
     int on = attr_true(pool, s_tickets_on);
     if (on <= 0)
         return on < 0 ? NULL : Py_NewRef(Py_None);
-    PyObject *tickets = NULL, *view = NULL, *lock = NULL, *next = NULL, *token = NULL;
+    PyObject *tickets = NULL, *view = NULL, *lock = NULL, *next = NULL;
     PyObject *result = NULL;
     Py_ssize_t offset;
     int found = segment_of(pool, segment, idx, cap, &tickets, &view, &offset);
@@ -1095,12 +1132,11 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
         Py_XDECREF(mine);
         Py_XDECREF(caches);
     }
-    uint64_t word = 0;
+    uint64_t word = 0, tok = 0;
     if (ok > 0) {
         next = PyNumber_Add(generation, one);
-        uint64_t tok = next ? fresh_token() : 0;
-        token = tok ? PyLong_FromUnsignedLongLong(tok) : NULL;
-        if (token == NULL)
+        tok = next ? fresh_token() : 0;
+        if (tok == 0)
             ok = -1;
         else {
             word = ticket_word(tok, PyLong_AsUnsignedLongLongMask(generation) + 1) | LENT;
@@ -1120,12 +1156,17 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
     if (ok > 0) {
         PyObject *instance = get_attr(pool, s_instance);
         PyObject *size = instance ? PyLong_FromSsize_t(length) : NULL;
-        result = size ? PyTuple_New(8) : NULL; /* the Handle's fields, in order */
+        /* the handle carries the token sealed with its length and capacity */
+        PyObject *sealed = size ? PyLong_FromUnsignedLongLong(seal_token(
+                                      tok, (uint64_t)length, (uint64_t)cap, 0))
+                                : NULL;
+        result = sealed ? PyTuple_New(8) : NULL; /* the Handle's fields, in order */
         if (result != NULL) {
-            PyObject *items[8] = {instance, segment, index, next, token, size, capacity, zero};
+            PyObject *items[8] = {instance, segment, index, next, sealed, size, capacity, zero};
             for (int i = 0; i < 8; i++)
                 PyTuple_SET_ITEM(result, i, Py_NewRef(items[i]));
         }
+        Py_XDECREF(sealed);
         Py_XDECREF(size);
         Py_XDECREF(instance);
         PyObject *lent = result ? get_attr(pool, s_lent) : NULL;
@@ -1158,7 +1199,6 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
 done:
     Py_XDECREF(lock);
     Py_XDECREF(next);
-    Py_XDECREF(token);
     Py_DECREF(tickets);
     Py_DECREF(view);
     return result;
@@ -1601,8 +1641,55 @@ configure_members(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* seal_token(token, length, capacity, readers): protocol.seal_token, for the
+ * parity tests (every argument taken modulo 2**64). */
+static PyObject *
+seal_token_py(PyObject *module, PyObject *args)
+{
+    unsigned long long token, length, capacity, readers;
+    if (!PyArg_ParseTuple(args, "KKKK", &token, &length, &capacity, &readers))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(seal_token(token, length, capacity, readers));
+}
+
+/* call_soon(func): call func() in the main thread at its next bytecode
+ * boundary (Py_AddPendingCall), after the C call running now returns. The
+ * client starts its janitors again this way after os.fork(): from the
+ * at-fork callback itself they would run while os.fork() counts the
+ * process's threads, and Python 3.12+ would warn about forking with threads. */
+static int
+run_soon(void *arg)
+{
+    PyObject *func = (PyObject *)arg;
+    PyObject *result = PyObject_CallNoArgs(func);
+    Py_DECREF(func);
+    if (result == NULL) { /* a pending call that fails would raise in whatever code runs */
+        PyErr_WriteUnraisable(NULL);
+        return 0;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+static PyObject *
+call_soon(PyObject *module, PyObject *func)
+{
+    if (!PyCallable_Check(func)) {
+        PyErr_SetString(PyExc_TypeError, "call_soon() needs a callable");
+        return NULL;
+    }
+    Py_INCREF(func);
+    if (Py_AddPendingCall(run_soon, func) < 0) {
+        Py_DECREF(func);
+        Py_RETURN_FALSE; /* the queue is full: the caller does it now */
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef module_methods[] = {
     {"make_lease", make_lease, METH_VARARGS, "make_lease(type, slot, size) -> Lease"},
+    {"call_soon", call_soon, METH_O,
+     "call_soon(func) -> bool: func() runs in the main thread once the current call returns"},
     {"cas64", cas64, METH_VARARGS, "cas64(buffer, offset, expected, new) -> bool (atomic)"},
     {"load64", load64, METH_VARARGS, "load64(buffer, offset) -> int (atomic)"},
     {"store64", store64, METH_VARARGS, "store64(buffer, offset, value) (atomic)"},
@@ -1615,6 +1702,8 @@ static PyMethodDef module_methods[] = {
      "configure_members(Pool, _Segment): __slots__ members read at their offsets"},
     {"configure_pickling", configure_pickling, METH_O,
      "configure_pickling(client._attach_anywhere): what Lease.__reduce__ names"},
+    {"seal_token", seal_token_py, METH_VARARGS,
+     "seal_token(token, length, capacity, readers) -> int (protocol.seal_token)"},
     {"reclaim", reclaim, METH_O, "reclaim(pool) -> slots taken back (Pool._reclaim_lent, no expiry)"},
     {"carve", carve, METH_VARARGS, "carve(segments, slot_size, home, refs) -> [_Slot] or None"},
     {"slot_refs", slot_refs, METH_VARARGS, "slot_refs(value, SlotRef) -> tuple or None"},

@@ -13,7 +13,13 @@ Every transition bumps the slot's *generation*, so a reference taken before a
 transition (stale generation) is refused, as is a reference to a slot held by
 another connection. ``release`` checks every reference in a batch before it
 frees any, so a bad batch changes nothing. Per class,
-``total == free + leased`` always.
+``total == free + leased + in_transit`` always.
+
+Clients write the ticket words, so the books never trust a word beyond what
+they could have made: a claim counts only for a live client that maps the
+segment (``_claimer``), a generation only as far ahead as lending reaches
+(``LEND_AHEAD``, ``MAX_GENERATION``), and any other value is garbage with
+one safe outcome per function (each says which).
 
 Oversize requests (above ``max_size``) get a segment of their own holding one
 slot; it is destroyed when released, so its memory goes back to the budget at
@@ -34,6 +40,7 @@ from .protocol import (
     LENT,
     MAX_BATCH,
     MAX_FDS,
+    MAX_ID,
     NOTICE_DETACHED,
     NOTICE_RETURNED,
     NOTICE_WORDS,
@@ -63,6 +70,18 @@ ORPHAN = -3
 CLAIM_GRACE = 1.0
 #: Oversize segments are rounded up to whole pages, not to a power of two.
 PAGE = 4096
+#: How far a lender may name a generation ahead of the books. It moves its
+#: slot on without telling the manager: 1 for each handoff of a lend, 1 + 2**31
+#: for a lend that expired (client ``_reclaim_lent``). 2**48 is some 130,000
+#: expired lends, or years of handoffs, of one slot between two releases.
+LEND_AHEAD = 1 << 48
+#: No generation a client names is taken past this: the manager's own steps
+#: (1 each) then never take one past ``MAX_ID``, the most the wire carries.
+MAX_GENERATION = MAX_ID - LEND_AHEAD
+#: A slot granted past this generation goes on from its generation minus this
+#: (``_grant``). Only forged generations get there; a slot they pushed up
+#: leaves every next holder all of ``LEND_AHEAD`` below ``MAX_GENERATION``.
+GENERATION_WRAP = 1 << 62
 
 
 class Backing(Protocol):
@@ -356,21 +375,49 @@ class Arena:
             del self._shares[key]
             self._free(self._segments[key[0]], key[1], None)
 
-    def attach(self, conn: int, ref: SlotRef, token: int, deadline: float = 0.0) -> Grant:
+    def attach(
+        self,
+        conn: int,
+        ref: SlotRef,
+        token: int,
+        deadline: float = 0.0,
+        *,
+        capacity: int | None = None,
+        readers: int | None = None,
+    ) -> Grant:
         """Lease a slot in transit to ``conn``, if ``ref`` and ``token`` match.
 
         A slot still leased to its sender is handed on first if ``token``
         proves the sender let go of it (``_handed_on``; ``deadline`` is its
         transit deadline should this attach lose to a claim).
 
+        ``capacity`` and ``readers`` are the handle's (``Attach`` carries
+        them): the slot's size and whether it is shared must be what they
+        say, so that no handle makes the receiver take a shared slot for
+        its own, or the other way round. (None: not checked, for tests of
+        the books.) ``token`` is the handoff's, which the handle carries
+        sealed with its length, capacity and readers (``seal_token``).
+
         Raises:
-            StaleHandleError: attached already, expired, a forged token or
-                generation, or a slot this manager never put in transit.
+            StaleHandleError: attached already, expired, a forged token,
+                generation, capacity or readers, or a slot this manager
+                never put in transit.
         """
         c = self._conns[conn]
         key = (ref.segment, ref.index)
         seg = self._segments.get(ref.segment)
-        if seg is not None and key in self._shares:
+        shared = key in self._shares
+        if seg is not None and capacity is not None and capacity != seg.slot_size:
+            raise StaleHandleError(
+                f"handle for slot {ref.segment}:{ref.index} is forged: its capacity "
+                f"{capacity} is not the slot's ({seg.slot_size})"
+            )
+        if readers is not None and bool(readers) != shared:
+            what = "no readers of a shared slot" if shared else "readers of a slot not shared"
+            raise StaleHandleError(
+                f"handle for slot {ref.segment}:{ref.index} is stale or forged: it names {what}"
+            )
+        if shared and seg is not None:
             return self._attach_shared(c, seg, ref, token)
         if seg is not None and 0 <= ref.index < seg.nslots and ref.generation > 0:
             lent = self._attach_lent(c, seg, ref, token)
@@ -414,6 +461,17 @@ class Arena:
         tickets = seg.backing.tickets  # type: ignore[attr-defined]
         return [i for i in range(seg.nslots) if ops.load64(tickets, 8 * i) & mask == value]
 
+    def _claimer(self, seg: Segment, word: int) -> _Conn | None:
+        """The live client that a claimed ``word`` of ``seg`` names, or None.
+
+        Clients write the words, so a claim counts only if its client could
+        have made it: one that has ``seg`` mapped (claiming by the word needs
+        the mapping; a claim the manager made for it mapped it too). A claim
+        naming anyone else, and ``returned_word`` (client 0), name nobody.
+        """
+        c = self._conns.get(claimer_of(word))
+        return c if c is not None and seg.id in c.known else None
+
     def _reconcile_dropped(
         self, seg: Segment, index: int, c: _Conn, now: float, timeout: float
     ) -> bool:
@@ -423,6 +481,11 @@ class Arena:
         client's now (it holds it, lent or handed on). A lender's ticket: an
         orphan, in transit until ``now + timeout``, its word watched. The
         manager's own ticket (a handoff it was told of): in transit.
+
+        The word may hold anything, and whatever it holds the slot goes to
+        one place: a claim that names nobody (``_claimer``) and a lender's
+        ticket on a slot nobody lends (oversize) free it; any other ticket
+        puts it in transit, under a token nobody may have, until it expires.
         """
         key = (seg.id, index)
         for _ in range(8):  # the word may move while we look: a borrower acts meanwhile
@@ -430,7 +493,7 @@ class Arena:
             if value == 0:
                 return False
             if value & CLAIMED:
-                claimer = self._conns.get(claimer_of(value)) if claimer_of(value) else None
+                claimer = self._claimer(seg, value)
                 if not self._ticket_cas(seg, index, value, 0):
                     continue
                 if claimer is None:
@@ -441,6 +504,8 @@ class Arena:
                 )
                 return True
             if value & LENT:
+                if seg.cls is None:
+                    return False  # only class slots are lent: the word is garbage
                 self._orphan(seg, index, c, value, now, timeout)
                 return True
             token = value ^ ticket_word(0, seg.generations[index] + 1)  # the word's token
@@ -455,12 +520,16 @@ class Arena:
         The word keeps 31 bits of it; a lender's generations move on without
         the books, so the books' one is only a floor. The manager remembers
         the whole generation for a client it claimed for (one without atomics,
-        which names it exactly when it lets go).
+        which names it exactly when it lets go), if the word and the books
+        still agree with it (the word may have been written over since).
+        Never past ``MAX_GENERATION``: only a written word takes it there.
         """
+        low31 = word >> 32 & 0x7FFF_FFFF
+        books = seg.generations[index]
         known = claimer.borrowed.pop((seg.id, index), None)
-        if known is not None:
+        if known is not None and known & 0x7FFF_FFFF == low31 and _ahead(books, known):
             return known
-        return generation_at_least(word >> 32 & 0x7FFF_FFFF, seg.generations[index])
+        return min(generation_at_least(low31, books), max(books, MAX_GENERATION))
 
     def _give(self, seg: Segment, index: int, c: _Conn, generation: int) -> None:
         """Books: ``c`` holds the slot (leased or lent to it, or an orphan's claimer)."""
@@ -487,57 +556,67 @@ class Arena:
         settle; a ticket waits for the next call with the time. Returns how
         many left the orphans.
         """
-        settled = 0
-        for key, entry in list(self._orphans.items()):
-            seg = self._segments[key[0]]
-            index = key[1]
-            value = self._ticket_load(seg, index)
-            if value & CLAIMED:
-                claimer = self._conns.get(claimer_of(value)) if claimer_of(value) else None
-            elif now is None and value:
-                continue
-            elif value != entry[0] and value:
+        return sum(self._settle_orphan(key, now) for key in list(self._orphans))
+
+    def _settle_orphan(self, key: tuple[int, int], now: float | None) -> bool:
+        """``_settle_orphans`` for one orphan; True if it settled.
+
+        The word may hold anything. A claim counts only if its client could
+        have made it (``_claimer``); any other claim names nobody, and the
+        slot is freed, as for 0 (which only the manager writes to an orphan's
+        word, and then it is no orphan). Only a new lender's ticket (a
+        borrower handed the slot on) gives it a new handle's time; any other
+        ticket waits out the time it has.
+        """
+        entry = self._orphans[key]
+        seg = self._segments[key[0]]
+        index = key[1]
+        value = self._ticket_load(seg, index)
+        claimer = self._claimer(seg, value) if value & CLAIMED else None
+        if value and not value & CLAIMED:  # a ticket: it waits for its handle's time
+            if now is None:
+                return False
+            if value & LENT and value != entry[0]:
                 entry[0], entry[1] = value, now + entry[2]  # handed on: a new handle's time
-                continue
-            elif entry[1] > now and value:
-                continue
-            else:
-                claimer = None  # its handle expired
-            if not self._ticket_cas(seg, index, value, 0):
-                continue  # it moved: next time
-            del self._orphans[key]
-            settled += 1
-            if seg.cls is not None:
-                seg.cls.in_transit -= 1
-                seg.cls.leased += 1  # _free counts it out of leased; a claimer holds it
-            if claimer is None:
-                self._free(seg, index, None)
-            else:
-                self._give(
-                    seg, index, claimer, self._claimed_generation(seg, index, claimer, value)
-                )
-        return settled
+                return False
+            if entry[1] > now:
+                return False
+        if not self._ticket_cas(seg, index, value, 0):
+            return False  # it moved: next time
+        del self._orphans[key]
+        if seg.cls is not None:
+            seg.cls.in_transit -= 1
+            seg.cls.leased += 1  # _free counts it out of leased; a claimer holds it
+        if claimer is None:
+            self._free(seg, index, None)  # returned, expired, or nobody's
+        else:
+            self._give(seg, index, claimer, self._claimed_generation(seg, index, claimer, value))
+        return True
 
     def _return_borrowed(self, c: _Conn) -> None:
         """The dropped client ``c`` held slots lent to it: back to their lenders.
 
         Its claim in a word becomes ``returned_word``, which a live lender
-        takes back; an orphan's claim frees the slot.
+        takes back; an orphan's claim frees the slot. A word that only looks
+        like its claim (written over) goes the same way: it names a slot
+        that a live lender holds or that nobody does.
         """
         mask, want = CLAIMED | 0xFFFF_FFFF, CLAIMED | c.id
+        orphans = []
         for seg in list(self._segments.values()):
             if not seg.header:
                 continue
             for index in self._find_words(seg, mask, want):
                 value = self._ticket_load(seg, index)
-                if value & mask != want:
-                    continue
                 holder = seg.holders[index]
-                if holder > 0 and holder in self._conns:
-                    self._ticket_cas(seg, index, value, returned_word(value >> 32))
-                elif holder == ORPHAN:
-                    self._ticket_cas(seg, index, value, returned_word(value >> 32))
-                    self._settle_orphans(None)  # frees it (returned)
+                if value & mask != want or not (holder == ORPHAN or holder in self._conns):
+                    continue
+                returned = self._ticket_cas(seg, index, value, returned_word(value >> 32))
+                if returned and holder == ORPHAN:
+                    orphans.append((seg.id, index))
+        for key in orphans:  # each one looked at once, however many there are
+            if key in self._orphans:
+                self._settle_orphan(key, None)  # frees it (returned)
 
     def give_back(self, conn: int, ref: SlotRef) -> None:
         """``conn`` lets go of a slot lent to it, for which the manager claimed it.
@@ -557,7 +636,7 @@ class Arena:
         c.borrowed.pop((ref.segment, ref.index), None)
         if self._ticket_cas(seg, ref.index, claimed, returned_word(ref.generation)):
             if seg.holders[ref.index] == ORPHAN:
-                self._settle_orphans(None)  # its lender is gone: free it now
+                self._settle_orphan((seg.id, ref.index), None)  # its lender is gone: free it now
             return
         if seg.holders[ref.index] == c.id and seg.generations[ref.index] == ref.generation:
             self._free(seg, ref.index, c)
@@ -570,18 +649,26 @@ class Arena:
         The manager claims it for ``c`` (the client may lack the mapping, or
         atomics): the books stay as they are, the lender keeps it, and the
         client returns it by its word (or a ``NOTICE_RETURNED``).
+
+        Clients write the words, so a matching word is believed only where
+        lending can put one: on a class slot, for a generation ahead of the
+        books by no more than lending reaches (``_ahead``).
         """
         index = ref.index
         holder = seg.holders[index]
-        if not seg.header or not (holder == ORPHAN or holder in self._conns):
+        if (
+            not seg.header
+            or seg.cls is None
+            or not (holder == ORPHAN or holder in self._conns)
+            or not _ahead(seg.generations[index], ref.generation)
+        ):
             return None
         lent = ticket_word(token, ref.generation) | LENT
         if holder == ORPHAN:  # its lender is gone: the slot becomes the client's
             if not self._ticket_cas(seg, index, lent, 0):
                 return None
             del self._orphans[(seg.id, index)]
-            if seg.cls is not None:
-                seg.cls.in_transit -= 1  # _grant counts it leased
+            seg.cls.in_transit -= 1  # _grant counts it leased
             seg.generations[index] = ref.generation - 1  # _grant names the handle's
             return self._grant(c, seg.slot_size, [(seg, index)])
         if not self._ticket_cas(seg, index, lent, claim_word(c.id, ref.generation)):
@@ -705,7 +792,7 @@ class Arena:
                 return i
         return len(flat)
 
-    def awaits_detach(self, ref: SlotRef) -> bool:
+    def awaits_detach(self, ref: SlotRef, shared: bool = False) -> bool:
         """True if ``ref`` names a slot some messages not read yet may bring to ``ref``.
 
         A handle travels beside the sender's notice, on another socket, so an
@@ -713,14 +800,16 @@ class Arena:
         further behind than one handoff: handed A to B to C by tickets, C's
         claim may come while B's notices are still unread; it should wait. So
         any slot that is leased or in transit at an older generation may yet
-        match.
+        match. ``shared``: an Attach of a share, whose ``Share`` message may
+        be on its way even from a client that lends.
         """
         seg = self._segments.get(ref.segment)
         if seg is None or not 0 <= ref.index < seg.nslots:
             return False
         holder = seg.holders[ref.index]
         c = self._conns.get(holder)
-        if c is not None and c.lends and seg.cls is not None and self._tickets is not None:
+        lender = c is not None and c.lends and seg.cls is not None and self._tickets is not None
+        if lender and not shared:
             return False  # it lends class slots by their words: no notice will come
         return (holder > 0 or holder == TRANSIT) and seg.generations[ref.index] < ref.generation
 
@@ -745,15 +834,21 @@ class Arena:
         return len(late) + len(lapsed) + settled
 
     def _expire_ticket(self, seg: Segment, index: int, now: float) -> bool:
-        """Take a late slot's ticket back; False if a live claimer's notice is on its way."""
+        """Take a late slot's ticket back; False if a live claimer's notice is on its way.
+
+        A claim counts only if a live client could have made it (``_claimer``)
+        by this slot's handle (its generation in the word); any other value
+        is garbage, and the slot is freed.
+        """
         token, _ = self._transit[(seg.id, index)]
-        if self._ticket_cas(seg, index, ticket_word(token, seg.generations[index]), 0):
+        generation = seg.generations[index]
+        if self._ticket_cas(seg, index, ticket_word(token, generation), 0):
             return True
         value = self._ticket_load(seg, index)
-        if value & CLAIMED and claimer_of(value) in self._conns:
+        if value == claim_word(claimer_of(value), generation) and self._claimer(seg, value):
             self._transit[(seg.id, index)] = (token, now + CLAIM_GRACE)
             return False  # claimed: its notice is on its way from that connection
-        return True  # claimed by a client that died before saying so: free it
+        return True  # claimed by a client that died before saying so, or garbage: free it
 
     def next_deadline(self) -> float | None:
         """The earliest time a transit or a pending share attach lapses, if any."""
@@ -794,6 +889,32 @@ class Arena:
             if n:
                 counts[c.id] = n
         return counts
+
+    def holds_anything(self, conn: int) -> bool:
+        """True if ``conn`` holds a slot, or has one lent to it (a claim by it in a word)."""
+        c = self._conns.get(conn)
+        if c is None:
+            return False
+        if c.held or c.borrowed:
+            return True
+        if self._tickets is None:
+            return False
+        mask, want = CLAIMED | 0xFFFF_FFFF, CLAIMED | conn
+        return any(
+            seg.header and self._find_words(seg, mask, want) for seg in self._segments.values()
+        )
+
+    def held_bytes(self, conn: int) -> int:
+        """Bytes of the slots ``conn`` holds (class capacity, or an oversize segment's size)."""
+        c = self._conns.get(conn)
+        if c is None:
+            return 0
+        segments = self._segments
+        total = 0
+        for seg_id, _ in c.held:
+            seg = segments[seg_id]
+            total += seg.slot_size if seg.cls is not None else seg.size - seg.header
+        return total
 
     def held_by(self, conn: int, slot_size: int | None = None) -> int:
         """How many slots ``conn`` holds (of one class if ``slot_size``); 0 if unknown."""
@@ -858,10 +979,12 @@ class Arena:
         if not self._shares and self._release_class_slots(c, refs):
             return len(refs)
         shared = [ref for ref in refs if self._is_shared_by(c, ref)]
-        checked = [self._check(c, ref) for ref in refs if ref not in shared]
-        if len({(s.id, i) for s, i in checked}) != len(checked) or len(set(shared)) != len(shared):
+        checked = [(*self._checked(c, ref), ref.generation) for ref in refs if ref not in shared]
+        keys = {(seg.id, index) for seg, index, _ in checked}
+        if len(keys) != len(checked) or len(set(shared)) != len(shared):
             raise StaleHandleError("the same slot appears twice in one release")
-        for seg, index in checked:
+        for seg, index, generation in checked:  # all checked: now the books may change
+            seg.generations[index] = generation  # a lender's newer one stands
             self._free(seg, index, c)
         for ref in shared:
             key = (ref.segment, ref.index)
@@ -888,9 +1011,11 @@ class Arena:
                 or seg.cls is None
                 or not 0 <= index < len(seg.holders)
                 or seg.holders[index] != cid
-                or seg.generations[index] > generation
-                or (seg.generations[index] < generation and not (c.lends and seg.header))
-            ):  # a lender's newer generation stands: it lent the slot and took it back
+                or (
+                    seg.generations[index] != generation
+                    and not _lent_ahead(c, seg, seg.generations[index], generation)
+                )
+            ):
                 return False
             picked.append((seg, index, generation))
         keys = {(seg.id, index) for seg, index, _ in picked}
@@ -920,20 +1045,28 @@ class Arena:
         )
 
     def _check(self, c: _Conn, ref: SlotRef) -> tuple[Segment, int]:
+        """``_checked``; the books then take a lender's newer generation."""
+        seg, index = self._checked(c, ref)
+        seg.generations[index] = ref.generation
+        return seg, index
+
+    def _checked(self, c: _Conn, ref: SlotRef) -> tuple[Segment, int]:
+        """The slot ``ref`` names if ``c`` holds it by that generation (changes nothing).
+
+        Raises:
+            StaleHandleError: it does not.
+        """
         seg = self._segments.get(ref.segment)
         if seg is None or not 0 <= ref.index < seg.nslots:
             raise StaleHandleError(f"no slot {ref.segment}:{ref.index} exists in this manager")
         if seg.holders[ref.index] != c.id:
             raise StaleHandleError(f"slot {ref.segment}:{ref.index} is not leased to this client")
-        # A slot it lent out and took back has moved on some generations
-        # without us (``lent_word``): the lender's newer generation stands.
         now = seg.generations[ref.index]
-        if now > ref.generation or (now < ref.generation and not (c.lends and seg.header)):
+        if now != ref.generation and not _lent_ahead(c, seg, now, ref.generation):
             raise StaleHandleError(
                 f"slot {ref.segment}:{ref.index} generation {ref.generation} is stale "
                 f"(now {seg.generations[ref.index]})"
             )
-        seg.generations[ref.index] = ref.generation
         return seg, ref.index
 
     def _take(self, cls: _Class, count: int, c: _Conn) -> list[tuple[Segment, int]]:
@@ -1010,6 +1143,8 @@ class Arena:
         for seg, index in picked:
             seg.holders[index] = cid
             generation = seg.generations[index] + 1
+            if generation > GENERATION_WRAP:  # pushed up by forged generations: go on lower
+                generation -= GENERATION_WRAP
             seg.generations[index] = generation
             held.add((seg.id, index))
             if seg.cls is not None:
@@ -1078,14 +1213,14 @@ class Arena:
                         shift[holder] = shift.get(holder, 0) - 1
                 for index in self._find_words(seg, CLAIMED, CLAIMED):
                     holder = seg.holders[index]
-                    claimer = claimer_of(self._ticket_load(seg, index))
-                    if claimer == holder or claimer not in conns:
-                        continue  # returned, or claimed from itself, or by one gone
+                    c = self._claimer(seg, self._ticket_load(seg, index))
+                    if c is None or c.id == holder:
+                        continue  # returned, or claimed from itself, or by nobody who could
                     if holder in conns:
                         shift[holder] = shift.get(holder, 0) - 1
-                        shift[claimer] = shift.get(claimer, 0) + 1
+                        shift[c.id] = shift.get(c.id, 0) + 1
                     elif holder == ORPHAN:
-                        shift[claimer] = shift.get(claimer, 0) + 1
+                        shift[c.id] = shift.get(c.id, 0) + 1
         return lent, shift
 
     def stats(self) -> dict[str, Any]:
@@ -1129,6 +1264,24 @@ class Arena:
 
 
 _new_ref = tuple.__new__  # a SlotRef from fields the arena made, without its Python __new__
+
+
+def _ahead(books: int, generation: int) -> bool:
+    """True if lending can take a slot the books have at ``books`` to ``generation``.
+
+    As far ahead as lending reaches (``LEND_AHEAD``), and never past
+    ``MAX_GENERATION``: clients name these numbers, and any other is forged.
+    """
+    return books < generation <= books + LEND_AHEAD and generation <= MAX_GENERATION
+
+
+def _lent_ahead(c: _Conn, seg: Segment, books: int, generation: int) -> bool:
+    """True if ``c`` may name ``generation`` for its slot the books have at ``books``.
+
+    A slot it lent out and took back has moved on some generations without
+    us (``lent_word``): a lender's newer generation of a class slot stands.
+    """
+    return c.lends and seg.header > 0 and seg.cls is not None and _ahead(books, generation)
 
 
 def _token_bytes(token: int) -> bytes:

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import resource
 import secrets
 import socket
 import statistics
@@ -27,6 +28,7 @@ from typing import Any
 import msgpack
 import posix_ipc
 
+from . import protocol as p
 from .client import Pool
 from .embedded import start
 from .sizeclass import format_size
@@ -474,6 +476,79 @@ def _scaling(address: str, procs: int, seconds: float, size: int = 4096) -> floa
     return total / seconds
 
 
+#: Idle connections open while ``_stats_spam`` measures (the Stats reply lists them).
+SPAM_CONNECTIONS = 1000
+
+
+def _raw_client(address: str, name: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(30)
+    sock.connect(address)
+    sock.send(p.encode(p.Hello(1, p.VERSION, os.getpid(), name)))
+    sock.recv(p.MAX_REPLY + 1)
+    return sock
+
+
+def _stats_spammer(address: str, ready: Any, stop: Any) -> None:
+    with _raw_client(address, "bench-stats-spam") as sock:
+        ready.set()
+        req = 1
+        while not stop.is_set():
+            req += 1
+            sock.send(p.encode(p.Stats(req)))
+            sock.recv(p.MAX_REPLY + 1)
+
+
+def _manager_requests(sock: socket.socket, count: int) -> float:
+    """Median ns of an Acquire round trip (its slot then returned) on a raw connection."""
+    times = []
+    for req in range(2, 2 * count + 2, 2):
+        started = _perf()
+        sock.send(p.encode(p.Acquire(req, 4096, 1, 0, 0)))
+        data, ancdata, _, _ = sock.recvmsg(p.MAX_REPLY + 1, socket.CMSG_SPACE(4 * p.MAX_FDS))
+        times.append(_perf() - started)
+        for _level, _kind, fds in ancdata:  # a new segment's descriptor: not needed here
+            for i in range(0, len(fds) - len(fds) % 4, 4):
+                os.close(int.from_bytes(fds[i : i + 4], sys.byteorder))
+        grant = p.decode(data)
+        assert isinstance(grant, p.Grant)
+        sock.send(p.encode(p.Return(req + 1, grant.slots, 0)))
+    return statistics.median(times)
+
+
+def _stats_spam(address: str, requests: int) -> tuple[float, float]:
+    """Another client's round trip, without and with a client asking for Stats in a loop,
+    while ``SPAM_CONNECTIONS`` idle connections make each Stats reply costly to build."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < SPAM_CONNECTIONS + 512 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (SPAM_CONNECTIONS + 512, hard))
+    idle: list[socket.socket] = []
+    try:
+        idle += (_raw_client(address, f"bench-idle-{i}") for i in range(SPAM_CONNECTIONS))
+        return _spammed(address, requests)
+    finally:
+        for conn in idle:
+            conn.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _spammed(address: str, requests: int) -> tuple[float, float]:
+    ctx = mp.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    spammer = ctx.Process(target=_stats_spammer, args=(address, ready, stop), daemon=True)
+    try:
+        with _raw_client(address, "bench-requests") as sock:
+            quiet = _manager_requests(sock, requests)
+            spammer.start()
+            ready.wait(30)
+            loud = _manager_requests(sock, requests)
+    finally:
+        stop.set()
+        if spammer.pid is not None:
+            spammer.join(30)
+    return quiet, loud
+
+
 def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
     """Run every case; return ``{"results", "ratios", "machine"}``."""
     trials, target_ns = (3, 2_000_000) if quick else (15, 20_000_000)
@@ -538,6 +613,7 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
             seconds = 0.5 if quick else 2.0
             one = _scaling(manager.address, 1, seconds)
             two = _scaling(manager.address, 2, seconds)
+            quiet, loud = _stats_spam(manager.address, 300 if quick else 3000)
             hot.close()
             cold.close()
     finally:
@@ -568,6 +644,8 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
             "max_ns": 1e9 / two,
         }
     )
+    for case, ns in (("manager.request", quiet), ("manager.request_under_stats_spam", loud)):
+        results.append({"case": case, "size": 0, "median_ns": ns, "min_ns": ns, "max_ns": ns})
     ratios = _ratios(results, sizes)
     med = {(r["case"], r["size"]): r["median_ns"] for r in results}
     for n, want in zip(HANDOFF_SIZES, (">= 4", ">= 50", ""), strict=True):
@@ -594,6 +672,10 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
             }
     ratios["steady.pairs_per_message"] = {"value": pairs_per_message, "want": ">= 32"}
     ratios["scaling.2_over_1"] = {"value": two / one, "want": ">= 1.7"}
+    ratios["manager.request_under_stats_spam/manager.request"] = {
+        "value": loud / quiet,
+        "want": "<= 2",
+    }
     machine = _machine(trials, target_ns)
     machine["manager_mapped_bytes"] = final["mapped_bytes"]
     machine["manager_memory_limit"] = final["memory_limit"]

@@ -102,12 +102,21 @@ class _PyLeaseBase:
         return v
 
     def release(self) -> None:
-        """Give the slot back to the pool; calling it again does nothing."""
+        """Give the slot back to the pool; calling it again does nothing.
+
+        Raises:
+            BufferError: the view is still exported; the lease stays open.
+        """
         v = self._view
         if v is None:
             return
+        try:
+            v.release()  # first: it refuses while exported, and the lease stays open
+        except BufferError as exc:
+            raise _still_exported(exc) from None
+        if self._view is not v:
+            return  # another thread closed it meanwhile (see _close)
         self._view = None
-        v.release()
         slot = self._slot
         home = slot.home
         home.append(slot)
@@ -126,13 +135,53 @@ class _PyLeaseBase:
         return self._reduce_slow()  # type: ignore[attr-defined]
 
     def _disown(self) -> bool:
-        """Forget the slot without returning it (its ownership moved); False if closed."""
-        v = self._view
-        if v is None:
-            return False
-        self._view = None
-        v.release()
-        return True
+        """Forget the slot without returning it (its ownership moved); False if closed.
+
+        Raises:
+            BufferError: the view is still exported; the lease stays open.
+        """
+        return _close(self)
+
+
+def _close(lease: _PyLeaseBase) -> bool:
+    """Release the lease's view, then mark it closed; False if closed already.
+
+    ``release()`` does the same inline (it is the hot path). The view goes
+    first: while something exports it (a ``PickleBuffer``, a C extension,
+    I/O in another thread) it refuses, and the lease must stay open then,
+    its slot neither returned nor lost. Releasing a released view does
+    nothing, and no call stands between the check and the store below: of
+    two threads closing the lease at once, one does.
+    """
+    view = lease._view
+    if view is None:
+        return False
+    _release_view(view)
+    if lease._view is not view:
+        return False
+    lease._view = None
+    return True
+
+
+def _release_view(view: memoryview) -> None:
+    """Release a lease's view, the step of closing it that can fail.
+
+    Raises:
+        BufferError: the view is still exported (a clearer message than memoryview's).
+    """
+    try:
+        view.release()
+    except BufferError as exc:
+        raise _still_exported(exc) from None
+
+
+def _still_exported(cause: BufferError) -> BufferError:
+    """The error for closing a lease whose view is exported (``cause``: memoryview's)."""
+    return BufferError(
+        f"the lease's view is still exported ({cause}): release that export (a "
+        "PickleBuffer, a buffer held by a C extension or by I/O in another thread) "
+        "first, then close the lease again; it stays open until then"
+    )
 
 
 try:
@@ -160,6 +209,12 @@ class Lease(_LeaseBase):  # type: ignore[misc]
     released too (slices taken from it are not: do not keep them). A Lease
     dropped without release stays leased to this process until its pool
     closes.
+
+    While the view is exported (a ``pickle.PickleBuffer`` of it is alive, a C
+    extension or another thread's I/O holds its buffer), ``release()``,
+    leaving a ``with`` block, ``detach()``, ``share()`` and pickling refuse
+    with ``BufferError`` and leave the lease open and usable: release the
+    export, then close the lease again.
     """
 
     __slots__ = ()
@@ -193,6 +248,7 @@ class Lease(_LeaseBase):  # type: ignore[misc]
         Raises:
             LeaseClosedError: released or detached already.
             UsageError: the lease was inherited from a parent process.
+            BufferError: the view is still exported; the lease stays open.
             ManagerGoneError, PoolClosedError.
         """
         if self._view is None:
@@ -209,6 +265,7 @@ class Lease(_LeaseBase):  # type: ignore[misc]
 
         Raises:
             ValueError: ``readers`` is not 1..65536.
+            BufferError: the view is still exported; the lease stays open.
             LeaseClosedError, UsageError, ManagerGoneError, PoolClosedError.
         """
         if type(readers) is not int or not 1 <= readers <= 1 << 16:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from .address import ENV_VAR
 from .errors import ShmpoolError
+from .manager import HELLO_TIMEOUT, MAX_CLIENTS
 
 __all__ = ["main"]
 
@@ -41,6 +42,27 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--transit-timeout", type=float, default=30.0,
         help="seconds a detached slot waits to be attached before it is freed (default 30)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-clients", type=int, default=MAX_CLIENTS,
+        help=f"most connections at once (default {MAX_CLIENTS})",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-clients-per-uid", type=int, default=None,
+        help="most connections of one user (default: --max-clients)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--hello-timeout", type=float, default=HELLO_TIMEOUT,
+        help=f"seconds a new connection has to say Hello (default {HELLO_TIMEOUT:g})",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-queued-bytes", default="64MiB",
+        help="replies left unread by all clients together before slow readers are "
+        "throttled (default 64MiB)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--client-quota", default=None,
+        help="most memory one connection may hold, e.g. 256MiB (default: no quota)",
     )  # fmt: skip
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
@@ -97,6 +119,11 @@ def _serve(args: argparse.Namespace) -> int:
         allow_uids=args.allow_uid,
         acquire_wait=args.acquire_wait,
         transit_timeout=args.transit_timeout,
+        max_clients=args.max_clients,
+        max_clients_per_uid=args.max_clients_per_uid,
+        hello_timeout=args.hello_timeout,
+        max_queued_bytes=args.max_queued_bytes,
+        client_quota=args.client_quota,
     )
     manager.serve(ready_fd=args.ready_fd, lifeline_fd=args.lifeline_fd)
     return 0

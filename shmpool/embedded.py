@@ -102,6 +102,11 @@ def start(
     timeout: float = 30.0,
     acquire_wait: float = 2.0,
     transit_timeout: float = 30.0,
+    max_clients: int | None = None,
+    max_clients_per_uid: int | None = None,
+    hello_timeout: float | None = None,
+    max_queued_bytes: int | str | None = None,
+    client_quota: int | str | None = None,
     log_level: str = "WARNING",
 ) -> ManagerProcess:
     """Start a manager in a child process and wait until it listens.
@@ -109,7 +114,9 @@ def start(
     The manager stops when ``stop()`` is called, when the ``with`` block
     ends, or when this process (and every child forked from it) has exited,
     even by SIGKILL. ``$SHMPOOL_ADDRESS`` is set to its address so that child
-    processes can call ``shmpool.connect()`` without arguments.
+    processes can call ``shmpool.connect()`` without arguments. The limits
+    (``max_clients`` and the rest, None: the manager's defaults) are those of
+    ``shmpool serve`` and ``shmpool.Manager``.
 
     Raises:
         ValueError, TypeError: a bad size.
@@ -128,6 +135,15 @@ def start(
         "--transit-timeout", str(transit_timeout),
         "--ready-fd", str(ready_w), "--lifeline-fd", str(life_r),
     ]  # fmt: skip
+    for flag, value in (
+        ("--max-clients", max_clients),
+        ("--max-clients-per-uid", max_clients_per_uid),
+        ("--hello-timeout", hello_timeout),
+        ("--max-queued-bytes", max_queued_bytes),
+        ("--client-quota", client_quota),
+    ):
+        if value is not None:
+            cmd += [flag, str(value)]
     try:
         proc = subprocess.Popen(
             cmd,
@@ -180,7 +196,9 @@ def _read_ready(fd: int, timeout: float) -> str:
     data = b""
     while not data.endswith(b"\n"):
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if left <= 0 or not poller.poll(left * 1000):
             raise ManagerGoneError(f"the manager did not start within {timeout} s")
         chunk = os.read(fd, 4096)
         if not chunk:

@@ -18,8 +18,10 @@ __all__ = [
     "PoolClosedError",
     "PoolExhaustedError",
     "ProtocolError",
+    "QuotaExceededError",
     "ShmpoolError",
     "StaleHandleError",
+    "TooManyClientsError",
     "UsageError",
     "error_from_code",
 ]
@@ -55,6 +57,12 @@ class PoolExhaustedError(ShmpoolError):
     code = "exhausted"
 
 
+class QuotaExceededError(PoolExhaustedError):
+    """This client already holds as much memory as the manager's per-client quota allows."""
+
+    code = "quota"
+
+
 class ManagerGoneError(ShmpoolError):
     """The manager cannot be reached, stopped answering, or closed the connection."""
 
@@ -73,6 +81,12 @@ class AccessDeniedError(ShmpoolError):
     code = "denied"
 
 
+class TooManyClientsError(AccessDeniedError):
+    """The manager serves as many connections as it allows (in all, or for this user)."""
+
+    code = "too_many_clients"
+
+
 class ProtocolError(ShmpoolError):
     """The peer sent bytes that break the shmpool protocol."""
 
@@ -87,9 +101,11 @@ CODES: dict[str, type[ShmpoolError]] = {
         LeaseClosedError,
         PoolClosedError,
         PoolExhaustedError,
+        QuotaExceededError,
         ManagerGoneError,
         StaleHandleError,
         AccessDeniedError,
+        TooManyClientsError,
         ProtocolError,
     )
 }

@@ -14,9 +14,22 @@ the slot for that process, by swapping the ticket word when it has the
 segment mapped, else by asking the manager; it succeeds once. A handle
 that is attached twice, arrives after the transit timeout, carries a forged
 token or generation, or comes from another manager is refused with
-``StaleHandleError`` before any memory is mapped. A handle nobody attaches
-gives its slot back when the transit timeout passes (to its lender, or to
-the free lists), so a dropped handle or a sender that dies leaks nothing.
+``StaleHandleError`` before any memory is mapped.
+
+The handle's ``token`` is sealed with its ``length``, ``capacity`` and
+``readers`` (``protocol.seal_token``, a cheap mix, its own inverse): the
+receiver unseals it with the fields it reads, so a handle with any of them
+changed yields a token that neither the word nor the manager holds, and is
+refused with ``StaleHandleError`` like a forged one (the genuine handle
+still attaches). The capacity and the read-only-ness are also checked
+against the record: the segment's slot size where it is mapped, else the
+manager's, which ``Attach`` asks (the slot's size; whether it is shared).
+The seal catches altered handles, it is no secret: the record is what no
+handle can change.
+
+A handle nobody attaches gives its slot back when the transit timeout
+passes (to its lender, or to the free lists), so a dropped handle or a
+sender that dies leaks nothing.
 
 Pickling a Lease (a ``multiprocessing.Queue``, a ``Pipe``, ``Pool.map``
 arguments and results) detaches it at pickling time and attaches it at
@@ -48,7 +61,7 @@ class Handle(NamedTuple):
     segment: int
     index: int  # type: ignore[assignment]  # shadows tuple.index on purpose
     generation: int
-    token: int
+    token: int  # the handoff's token, sealed with the three fields below (seal_token)
     length: int  # the bytes the lease showed
     capacity: int  # the slot's size class (or oversize length)
     readers: int = 0  # > 0: from Lease.share(); each attach is a read-only reader

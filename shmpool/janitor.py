@@ -14,12 +14,14 @@ from .errors import ShmpoolError
 if TYPE_CHECKING:
     from .client import Pool
 
-__all__ = ["JANITOR_PERIOD", "Janitor"]
+__all__ = ["JANITOR_FAILURES", "JANITOR_PERIOD", "Janitor"]
 
 log = logging.getLogger("shmpool")
 
 #: How often the janitor thread looks for recalls and idleness.
 JANITOR_PERIOD = 0.05
+#: Ticks in a row that may fail before the janitor gives up and breaks its pool.
+JANITOR_FAILURES = 5
 
 
 class Janitor(threading.Thread):
@@ -33,6 +35,14 @@ class Janitor(threading.Thread):
     and the two would trade the GIL on the slow path. A thread that is busy
     talking to the manager handles recalls inline anyway. The pool is held
     by a weak reference only.
+
+    A lost manager breaks the pool (``ManagerGoneError``) and ends the
+    thread quietly: the pool's next call says so. Any other failure of a
+    tick is a bug, logged with its traceback; the thread goes on, since an
+    idle pool has no call that would start a new one. After
+    ``JANITOR_FAILURES`` failed ticks in a row it gives up and breaks the
+    pool, so that its next call raises instead of the pool silently
+    leaving recalls unanswered.
     """
 
     def __init__(self, pool: Pool) -> None:
@@ -40,17 +50,17 @@ class Janitor(threading.Thread):
         self._pool = weakref.ref(pool)
         self._wake = threading.Event()
         self._pid = os.getpid()
+        self._seen = -1  # the pool's activity count at the last tick
+        self._idle_since = time.monotonic()
+        self._failures = 0  # ticks failed in a row
 
     def wake(self) -> None:
         self._wake.set()
 
     def run(self) -> None:
-        seen, idle_since = -1, time.monotonic()
         while True:
             pool = self._pool()
-            if pool is None or os.getpid() != self._pid or pool._janitor is not self:
-                return
-            if not pool._live():
+            if pool is None or not self._serves(pool):
                 return
             idle = pool.idle_timeout
             del pool
@@ -61,23 +71,48 @@ class Janitor(threading.Thread):
             if pool is None or not pool._lock.acquire(blocking=False):
                 continue  # busy talking to the manager: it handles recalls itself
             try:
-                if not pool._live() or pool._janitor is not self:
+                if not self._serves(pool) or not self._tick_safely(pool):
                     return
-                pool._poll_manager()
-                if pool._notices:
-                    pool._flush_notices()  # handoffs the manager has not heard of yet
-                if pool._lent:
-                    pool._reclaim_lent()  # lent slots returned, or whose handles expired
-                now = time.monotonic()
-                if pool._activity() != seen:
-                    seen, idle_since = pool._activity(), now
-                elif idle is not None and now - idle_since >= idle:
-                    if pool._return_idle():
-                        log.debug("returned an idle cache after %.1f s", now - idle_since)
-                    idle_since = now
-            except ShmpoolError as exc:
-                log.debug("janitor stopping: %s", exc)
-                return
             finally:
                 pool._lock.release()
                 del pool
+
+    def _serves(self, pool: Pool) -> bool:
+        """Whether this thread still works for ``pool`` (not closed, broken, forked, replaced)."""
+        return os.getpid() == self._pid and pool._janitor is self and pool._live()
+
+    def _tick_safely(self, pool: Pool) -> bool:
+        """One tick (lock held); False when the thread must end."""
+        try:
+            self._tick(pool)
+        except Exception as exc:
+            if isinstance(exc, ShmpoolError) and not pool._live():
+                log.debug("janitor stopping: %s", exc)  # the manager is gone: the pool says so
+                return False
+            self._failures += 1
+            if self._failures < JANITOR_FAILURES:
+                log.exception("a janitor tick failed (%d in a row); trying again", self._failures)
+                return True
+            log.exception(
+                "a janitor tick failed %d times in a row; giving up: the pool is broken",
+                self._failures,
+            )
+            pool._janitor_failed(exc, self._failures)
+            return False
+        self._failures = 0
+        return True
+
+    def _tick(self, pool: Pool) -> None:
+        pool._poll_manager()
+        if pool._notices:
+            pool._flush_notices()  # handoffs the manager has not heard of yet
+        if pool._lent:
+            pool._reclaim_lent()  # lent slots returned, or whose handles expired
+        now = time.monotonic()
+        idle = pool.idle_timeout
+        if pool._activity() != self._seen:
+            self._seen, self._idle_since = pool._activity(), now
+        elif idle is not None and now - self._idle_since >= idle:
+            if pool._return_idle():
+                log.debug("returned an idle cache after %.1f s", now - self._idle_since)
+            self._idle_since = now

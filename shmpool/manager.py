@@ -6,10 +6,23 @@ write a byte to a wake-up pipe; every turn of the loop runs named steps
 it only closes sockets and descriptors, never waits on a client.
 
 One client can only hurt itself: its bytes are decoded with bounded sizes, a
-malformed frame gets an error reply and a closed connection, a client that
-does not read its replies is dropped when its queue is full, and any
-unexpected failure while serving it closes that connection alone. When a
-connection closes, for whatever reason, the arena returns all its slots.
+malformed frame gets an error reply and a closed connection, and any
+unexpected failure while serving it closes that connection alone.
+
+A slot leased to a live process is never given to anyone else. So a client
+is never dropped for being slow: one that leaves replies unread is simply
+not read from (backpressure) until it catches up, and it gets at most one
+unread ``Recall`` per class. When the process behind a connection exits
+(its pidfd, which also sees through a forked child that kept the socket) or
+hangs up, the arena returns all its slots. When the manager itself closes a
+connection whose process still runs (it broke the protocol), the slots stay
+*quarantined*, held by nobody, until that process exits: it may still be
+writing them.
+
+Limits, each with a clear error to the one refused: connections in all and
+per user, a handshake deadline, replies queued for all clients together,
+a per-client memory quota, and Stats replies built at most a tenth of the
+loop's time (a client asking more often waits, alone).
 """
 
 from __future__ import annotations
@@ -17,26 +30,37 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import fcntl
+import functools
 import logging
 import os
 import resource
 import secrets
+import select
 import selectors
 import signal
 import socket
 import stat
 import struct
+import termios
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import buffer as _buffer
 from . import protocol as p
 from .address import resolve
 from .arena import DEFAULT_SEGMENT_BYTES, Arena, Backing
-from .errors import PoolExhaustedError, ProtocolError, ShmpoolError, StaleHandleError
+from .errors import (
+    PoolExhaustedError,
+    ProtocolError,
+    QuotaExceededError,
+    ShmpoolError,
+    StaleHandleError,
+    TooManyClientsError,
+)
 from .segment import ShmSegment, sweep_orphans
 from .sizeclass import Classes, format_size, parse_size
 
@@ -46,8 +70,21 @@ log = logging.getLogger("shmpool")
 _speedups: Any = vars(_buffer)["_speedups"]
 
 _CRED = struct.Struct("3i")
-#: Replies a slow client may leave unread before it is disconnected.
-MAX_QUEUED = 256
+_INT = struct.Struct("i")
+#: Bytes of replies one client may leave unread before the manager stops
+#: reading its requests (it is throttled, never dropped for being slow).
+PEER_QUEUE_BYTES = 1 << 20
+#: Default cap on the reply bytes all clients leave unread together; past it,
+#: each client whose queue grows is throttled too.
+MAX_QUEUED_BYTES = 64 << 20
+#: Default seconds a new connection has to send its Hello.
+HELLO_TIMEOUT = 5.0
+#: Default cap on connections, in all (and per user unless set apart).
+MAX_CLIENTS = 4096
+#: A Stats reply costs the loop at most 1 / (1 + STATS_DUTY) of its time.
+STATS_DUTY = 9
+#: Requests read from a client whose process exited, before it is dropped.
+MAX_DRAIN = 4096
 #: Requests served from one client per loop turn, so none can starve the rest.
 MAX_READS_PER_TURN = 64
 MAX_LISTED_CLIENTS = 1000
@@ -61,25 +98,44 @@ MAX_CLIENT_ID = 0xFFFF_FFFF
 
 
 class _Peer:
-    __slots__ = ("id", "name", "outq", "parked", "paused", "pid", "sock", "uid", "welcomed")
+    __slots__ = (
+        "events", "id", "name", "outbytes", "outq", "parked", "paused", "pid", "pidfd",
+        "recalled", "sock", "stats_wait", "throttled", "uid", "welcomed",
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket, peer_id: int, pid: int, uid: int) -> None:
         self.sock = sock
         self.id = peer_id
         self.pid = pid
         self.uid = uid
+        self.pidfd = -1  # readable when the process exits; -1 if it cannot be watched
         self.name = ""
         self.welcomed = False
         self.parked = False  # an Acquire of this peer waits for recalled slots
-        self.paused = False  # not read from: a notice of it waits for other clients' notices
+        # Not read from while any of these holds:
+        self.paused = False  # a notice of it waits for other clients' notices
+        self.throttled = False  # it leaves too many replies unread
+        self.stats_wait = False  # its Stats request waits for the next build
+        self.events = 0  # what the selector watches on its socket
         self.outq: deque[tuple[bytes, Sequence[int]]] = deque()
+        self.outbytes = 0
+        self.recalled: set[int] = set()  # slot sizes recalled from it (maybe unread)
+
+    @property
+    def reading(self) -> bool:
+        return not (self.paused or self.throttled or self.stats_wait)
 
 
 class _Waiter:
     __slots__ = ("deadline", "msg", "peer", "recalled", "slot_size")
 
     def __init__(
-        self, peer: _Peer, msg: p.Acquire, slot_size: int, deadline: float, recalled: set[int]
+        self,
+        peer: _Peer,
+        msg: p.Acquire,
+        slot_size: int | None,  # None: an oversize buffer
+        deadline: float,
+        recalled: set[int],
     ) -> None:
         self.peer = peer
         self.msg = msg
@@ -100,6 +156,12 @@ class Manager:
     are recalled; after it, the acquire fails with ``PoolExhaustedError``.
     ``allow_uids`` names users besides our own that may connect (the socket
     is then made connectable by all; access is checked with SO_PEERCRED).
+
+    Limits: ``max_clients`` connections in all and ``max_clients_per_uid``
+    per user (default: the same); a connection must say Hello within
+    ``hello_timeout`` seconds; ``max_queued_bytes`` of replies may wait
+    unread for all clients together; ``client_quota`` (bytes, None: no
+    quota) caps the memory one connection may hold.
     """
 
     def __init__(
@@ -115,7 +177,16 @@ class Manager:
         acquire_wait: float = 2.0,
         transit_timeout: float = 30.0,
         tickets: bool = True,
+        max_clients: int = MAX_CLIENTS,
+        max_clients_per_uid: int | None = None,
+        hello_timeout: float = HELLO_TIMEOUT,
+        max_queued_bytes: int | str = MAX_QUEUED_BYTES,
+        client_quota: int | str | None = None,
     ) -> None:
+        if max_clients < 1 or (max_clients_per_uid is not None and max_clients_per_uid < 1):
+            raise ValueError("max_clients and max_clients_per_uid must be at least 1")
+        if not hello_timeout > 0:
+            raise ValueError("hello_timeout must be positive")
         self.address = resolve(address)
         self.classes = Classes(min_size, max_size)
         self.memory = parse_size(memory, name="memory")
@@ -132,6 +203,13 @@ class Manager:
         self.allow_uids = frozenset((os.getuid(), *(allow_uids or ())))
         self.acquire_wait = acquire_wait
         self.transit_timeout = transit_timeout
+        self.max_clients = max_clients
+        self.max_clients_per_uid = max_clients_per_uid or max_clients
+        self.hello_timeout = hello_timeout
+        self.max_queued_bytes = parse_size(max_queued_bytes, name="max_queued_bytes")
+        self.client_quota = (
+            None if client_quota is None else parse_size(client_quota, name="client_quota")
+        )
         self.instance = secrets.randbits(63)
         self._waiting: deque[_Waiter] = deque()
         self._attaching: list[tuple[_Peer, p.Attach, float]] = []
@@ -140,6 +218,14 @@ class Manager:
         self.pid = os.getpid()
         self._peers: dict[int, _Peer] = {}
         self._by_fd: dict[int, _Peer] = {}
+        self._per_uid: dict[int, int] = {}
+        self._by_pidfd: dict[int, _Peer] = {}
+        self._outbytes = 0  # reply bytes queued for all peers
+        self._hellos: deque[tuple[float, _Peer]] = deque()  # handshake deadlines, in order
+        # pidfd -> connection id, for connections closed while their process runs
+        self._quarantined: dict[int, int] = {}
+        self._stats_waiting: list[tuple[_Peer, int]] = []
+        self._stats_due = 0.0  # no Stats reply is built before this
         self._refused: dict[int, tuple[socket.socket, float]] = {}
         self._next_id = 1
         self._sel = selectors.DefaultSelector()
@@ -175,17 +261,50 @@ class Manager:
         _notify(ready_fd, "ok\n")
         try:
             while not self._stopping:
-                for key, events in self._sel.select(timeout=self._next_timeout()):
-                    key.data(key, events)
-                self._expire_waiting()
-                self._expire_refused()
-                self._expire_transit()
-                if self._attaching or self._claiming:
-                    self._serve_attaching()
+                self._turn()
         finally:
             self._restore_signals(old)
             self._teardown()
             log.info("manager %d stopped", self.pid)
+
+    def _turn(self) -> None:
+        """One turn of the loop: events, then the timed steps.
+
+        A failure in one client's event closes that client alone; a failure
+        in a timed step is logged and the loop goes on.
+        """
+        for key, events in self._sel.select(timeout=self._next_timeout()):
+            if not self._current(key):
+                continue  # closed by an earlier event of this turn (its fd may be reused)
+            try:
+                key.data(key, events)
+            except Exception:
+                self._event_failed(key)
+        for step in (
+            self._expire_waiting,
+            self._expire_refused,
+            self._expire_hellos,
+            self._expire_transit,
+            self._serve_stats,
+            self._serve_attaching,
+        ):
+            try:
+                step()
+            except Exception:
+                log.exception("internal error in %s; going on", step.__name__)
+
+    def _current(self, key: selectors.SelectorKey) -> bool:
+        """Whether ``key`` is still registered as it was (for this very object, not its fd)."""
+        now = self._sel.get_map().get(key.fd)
+        return now is not None and now.fileobj is key.fileobj and now.data == key.data
+
+    def _event_failed(self, key: selectors.SelectorKey) -> None:
+        peer = self._by_fd.get(key.fd)
+        if peer is None:
+            log.exception("internal error handling an event; going on")
+            return
+        log.exception("internal error serving client %d (pid %d)", peer.id, peer.pid)
+        self._drop(peer, "internal error", gone=False)
 
     def stop(self) -> None:
         """Ask the loop to end (safe from signal handlers and other threads)."""
@@ -251,6 +370,8 @@ class Manager:
     def _teardown(self) -> None:
         for peer in list(self._peers.values()):
             self._drop(peer, "manager stopping")
+        for pidfd in list(self._quarantined):
+            self._release_quarantine(pidfd)
         for fd in list(self._refused):
             self._close_refused(fd)
         if self._listener is not None:
@@ -319,16 +440,44 @@ class Manager:
             log.warning("refused a client with uid %d (pid %d)", uid, pid)
             self._refuse(sock, f"uid {uid} may not use this manager")
             return
+        too_many = self._too_many(uid)
+        if too_many:
+            log.warning("refused a client of uid %d (pid %d): %s", uid, pid, too_many)
+            self._refuse(sock, too_many, TooManyClientsError.code)
+            return
         peer = _Peer(sock, self._next_id, pid, uid)
         while True:  # ids fit 32 bits (ticket words hold them) and are never shared
             self._next_id = self._next_id % MAX_CLIENT_ID + 1
-            if self._next_id not in self._peers:
+            if self._next_id not in self._peers and self._next_id not in self._quarantined_ids():
                 break
         self._peers[peer.id] = peer
         self._by_fd[sock.fileno()] = peer
-        self._sel.register(sock, selectors.EVENT_READ, self._on_peer)
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        self._watch(peer)
+        self._hellos.append((time.monotonic() + self.hello_timeout, peer))
+        peer.pidfd = _pidfd(pid)
+        if peer.pidfd >= 0:  # its own callback, so that a stale event never hits a successor
+            self._by_pidfd[peer.pidfd] = peer
+            self._sel.register(peer.pidfd, selectors.EVENT_READ, functools.partial(self._on_exit))
 
-    def _refuse(self, sock: socket.socket, why: str) -> None:
+    def _too_many(self, uid: int) -> str:
+        """Why one more connection of ``uid`` is refused, or "" if it is not."""
+        if len(self._peers) >= self.max_clients:
+            return (
+                f"the manager serves {len(self._peers)} connections, its limit "
+                "(raise it with --max-clients)"
+            )
+        if self._per_uid.get(uid, 0) >= self.max_clients_per_uid:
+            return (
+                f"uid {uid} has {self._per_uid[uid]} connections, the limit per user "
+                "(raise it with --max-clients-per-uid)"
+            )
+        return ""
+
+    def _quarantined_ids(self) -> Iterable[int]:
+        return self._quarantined.values() if self._quarantined else ()
+
+    def _refuse(self, sock: socket.socket, why: str, code: str = "denied") -> None:
         """Tell a refused peer why, and linger until it has read it.
 
         Closing at once would make the peer's Hello fail with EPIPE before it
@@ -336,7 +485,7 @@ class Manager:
         hangs up, or ``REFUSE_LINGER`` passes. At most ``MAX_REFUSED`` linger.
         """
         try:
-            sock.send(p.encode(p.Error(0, "denied", why)))
+            sock.send(p.encode(p.Error(0, code, why[: p.MAX_TEXT])))
         except OSError:
             sock.close()
             return
@@ -372,11 +521,11 @@ class Manager:
             return
         if events & selectors.EVENT_WRITE:
             self._flush(peer)
-        if events & selectors.EVENT_READ:
+        if events & selectors.EVENT_READ and peer.reading and peer.id in self._peers:
             self._read(peer)
 
-    def _read(self, peer: _Peer) -> None:
-        for _ in range(MAX_READS_PER_TURN):
+    def _read(self, peer: _Peer, most: int = MAX_READS_PER_TURN) -> None:
+        for _ in range(most):
             try:
                 data = peer.sock.recv(p.MAX_REQUEST + 1)
             except (BlockingIOError, InterruptedError):
@@ -389,6 +538,21 @@ class Manager:
                 return
             if not self._handle(peer, data):
                 return
+
+    def _on_exit(self, key: selectors.SelectorKey, events: int) -> None:
+        """The process behind a connection exited: serve what it sent, then drop it.
+
+        A forked child may still hold the socket (so no end-of-file comes),
+        but it never uses its parent's connection or slots.
+        """
+        peer = self._by_pidfd.pop(key.fd, None)
+        if peer is None:  # a quarantined connection's process
+            if key.fd in self._quarantined:
+                self._release_quarantine(key.fd)
+            return
+        if peer.reading:
+            self._read(peer, MAX_DRAIN)
+        self._drop(peer, "its process exited")
 
     # ----------------------------------------------------------- requests
 
@@ -408,16 +572,16 @@ class Manager:
         except ProtocolError as exc:
             log.warning("client %d (pid %d) broke the protocol: %s", peer.id, peer.pid, exc)
             self._send(peer, p.encode(p.Error(req, exc.code, str(exc)[: p.MAX_TEXT])))
-            self._drop(peer, "protocol error")
+            self._drop(peer, "protocol error", gone=False)
             return False
         except ShmpoolError as exc:
             self._send(peer, p.encode(p.Error(req, exc.code, str(exc)[: p.MAX_TEXT])))
         except Exception:
             log.exception("internal error serving client %d (pid %d)", peer.id, peer.pid)
             self._send(peer, p.encode(p.Error(req, "error", "internal manager error; see its log")))
-            self._drop(peer, "internal error")
+            self._drop(peer, "internal error", gone=False)
             return False
-        return peer.id in self._peers and not peer.paused
+        return peer.id in self._peers and peer.reading
 
     def _dispatch(self, peer: _Peer, msg: p.Message) -> None:
         if isinstance(msg, p.Hello):
@@ -463,16 +627,16 @@ class Manager:
             try:
                 self._attach(peer, msg)
             except StaleHandleError:
-                if not arena.awaits_detach(msg.slot):
+                if not arena.awaits_detach(msg.slot, shared=msg.readers > 0):
                     raise
                 peer.parked = True  # the sender's notice is still on the way: wait for it
                 self._attaching.append((peer, msg, time.monotonic() + ATTACH_WAIT))
         elif isinstance(msg, p.Stats):
             arena.note_message(peer.id)
-            self._send(peer, p.encode(p.StatsReply(msg.req, self.stats())))
+            self._stats_request(peer, msg.req)
 
     def _acquire(self, peer: _Peer, msg: p.Acquire) -> None:
-        if not msg.wait:  # a prefetch: never before those who wait, never parked
+        if not msg.wait:  # a prefetch or timeout=0: never before those who wait, never parked
             slot_size = self.arena.class_size(msg.size)
             if any(w.slot_size == slot_size for w in self._waiting):
                 raise PoolExhaustedError(f"other clients wait for {slot_size}-byte slots")
@@ -480,78 +644,137 @@ class Manager:
             return
         try:
             self._grant(peer, msg)
+        except QuotaExceededError:
+            raise  # only its own releases can help: no waiting
         except PoolExhaustedError:
             if not self._park(peer, msg):
                 raise
 
     def _grant(self, peer: _Peer, msg: p.Acquire) -> None:
-        g = self.arena.acquire(peer.id, msg.size, msg.count)
+        count = msg.count if self.client_quota is None else self._within_quota(peer, msg)
+        g = self.arena.acquire(peer.id, msg.size, count)
         self._send(peer, p.encode_grant(msg.req, g.slot_size, g.slots, g.segments), g.fds)
+
+    def _within_quota(self, peer: _Peer, msg: p.Acquire) -> int:
+        """How many of ``msg.count`` slots ``peer`` may still hold under the client quota.
+
+        Raises:
+            QuotaExceededError: not even one.
+        """
+        assert self.client_quota is not None
+        slot = self.arena.class_size(msg.size) or msg.size
+        held = self.arena.held_bytes(peer.id)
+        room = (self.client_quota - held) // slot
+        if room < 1:
+            raise QuotaExceededError(
+                f"this client holds {format_size(held)}; {format_size(slot)} more would pass "
+                f"the manager's per-client quota of {format_size(self.client_quota)} "
+                "(release leases, trim() the cache, or raise --client-quota)"
+            )
+        return min(msg.count, room)
 
     # -------------------------------------------------- waiting for memory
 
     def _park(self, peer: _Peer, msg: p.Acquire) -> bool:
-        """Make a short acquire wait while other clients return idle slots."""
-        slot_size = self.arena.class_size(msg.size)
-        if slot_size is None or self.acquire_wait <= 0:
+        """Make an acquire wait for memory (recalling idle slots); False if it may not.
+
+        An acquire with the default wait waits only when something may come
+        back (others hold or carry slots of its class); one with its own
+        timeout waits whatever, since any release, recall or exit may serve it.
+        """
+        explicit = msg.wait != p.WAIT_DEFAULT
+        wait = msg.wait / 1000 if explicit else self.acquire_wait
+        if wait <= 0:
             return False
-        holders = self.arena.holders(slot_size)
-        holders.pop(peer.id, None)
+        slot_size = self.arena.class_size(msg.size)
+        holders: dict[int, int] = {}
+        if slot_size is not None:
+            holders = self.arena.holders(slot_size)
+            holders.pop(peer.id, None)
         # Slots in transit may already sit in a receiver's cache, its claim
         # notices still queued: when they arrive, it is recalled too.
-        if not holders and not self.arena.transit_count(slot_size):
+        if not explicit and (
+            slot_size is None or not (holders or self.arena.transit_count(slot_size))
+        ):
             return False
-        recall = p.encode(p.Recall(0, slot_size, msg.count))
         for conn in holders:
-            self._send(self._peers[conn], recall)
+            holder = self._peers.get(conn)
+            if holder is not None and slot_size is not None:
+                self._recall(holder, slot_size, msg.count)
         peer.parked = True
-        deadline = time.monotonic() + self.acquire_wait
+        deadline = time.monotonic() + wait
         self._waiting.append(_Waiter(peer, msg, slot_size, deadline, set(holders)))
         log.debug(
-            "client %d waits for %d-byte slots; recalled from %s", peer.id, slot_size, list(holders)
+            "client %d waits for %s-byte slots; recalled from %s", peer.id, slot_size, list(holders)
         )
         return True
+
+    def _recall(self, peer: _Peer, slot_size: int, count: int) -> None:
+        """Ask ``peer`` to return its idle ``slot_size`` slots, unless it has yet to read that.
+
+        A client that does not read (paused, in a debugger, its thread
+        gone) thus gets one Recall per class, not one per waiting acquire.
+        """
+        if slot_size in peer.recalled and (peer.outq or _unread(peer.sock)):
+            return
+        peer.recalled.add(slot_size)
+        self._send(peer, p.encode(p.Recall(0, slot_size, count)))
 
     def _recall_late(self, peer: _Peer) -> None:
         """``peer``'s notices gave it slots that parked acquires wait for: recall them."""
         for waiter in self._waiting:
             if (
-                waiter.peer is not peer
+                waiter.slot_size is not None
+                and waiter.peer is not peer
                 and peer.id not in waiter.recalled
                 and self.arena.held_by(peer.id, waiter.slot_size)
             ):
                 waiter.recalled.add(peer.id)
-                self._send(peer, p.encode(p.Recall(0, waiter.slot_size, waiter.msg.count)))
+                self._recall(peer, waiter.slot_size, waiter.msg.count)
 
     def _serve_waiting(self) -> None:
-        """Slots came back: grant parked acquires in arrival order."""
+        """Memory came back: grant parked acquires, first come first served per class."""
+        blocked: set[int | None] = set()
         for waiter in list(self._waiting):
-            if waiter not in self._waiting:
-                continue  # served or dropped by a nested call
+            if waiter not in self._waiting or waiter.slot_size in blocked:
+                continue  # served or dropped by a nested call, or behind an earlier one
             if waiter.peer.id not in self._peers:
                 self._waiting.remove(waiter)
-            elif self.arena.free_slots(waiter.slot_size):
-                self._waiting.remove(waiter)
-                waiter.peer.parked = False
-                try:
-                    self._grant(waiter.peer, waiter.msg)
-                except ShmpoolError as exc:
-                    self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, exc.code, str(exc))))
+                continue
+            try:
+                self._grant(waiter.peer, waiter.msg)
+            except QuotaExceededError as exc:
+                self._unpark(waiter, exc.code, str(exc))
+            except PoolExhaustedError:
+                blocked.add(waiter.slot_size)  # still nothing for this class: it waits on
+            except ShmpoolError as exc:
+                self._unpark(waiter, exc.code, str(exc))
+            else:
+                self._unpark(waiter)
+
+    def _unpark(self, waiter: _Waiter, code: str = "", text: str = "") -> None:
+        """``waiter`` leaves the queue: granted already, or refused with ``code``."""
+        self._waiting.remove(waiter)
+        waiter.peer.parked = False
+        if code:
+            self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, code, text[: p.MAX_TEXT])))
 
     def _expire_waiting(self) -> None:
+        if not self._waiting:
+            return
         now = time.monotonic()
-        while self._waiting and (
-            self._waiting[0].deadline <= now or self._waiting[0].peer.id not in self._peers
-        ):
-            waiter = self._waiting.popleft()
+        for waiter in [w for w in self._waiting if w.deadline <= now]:
             if waiter.peer.id not in self._peers:
+                self._waiting.remove(waiter)
                 continue
-            waiter.peer.parked = False
-            text = (
-                f"no {waiter.slot_size}-byte slot came free within {self.acquire_wait} s: "
-                "the memory budget is spent and other clients hold their slots"
+            what = (
+                f"{waiter.slot_size}-byte slot" if waiter.slot_size else f"{waiter.msg.size} bytes"
             )
-            self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, "exhausted", text)))
+            text = (
+                f"no {what} came free in time: the memory budget is spent and other "
+                "clients hold their slots"
+            )
+            self._unpark(waiter, "exhausted", text)
 
     def _apply_notices(self, peer: _Peer, flat: tuple[int, ...]) -> tuple[int, ...]:
         """Apply ``peer``'s handoff notices in order; return those that must wait.
@@ -579,20 +802,35 @@ class Manager:
 
     def _attach(self, peer: _Peer, msg: p.Attach) -> None:
         deadline = time.monotonic() + self.transit_timeout
-        g = self.arena.attach(peer.id, msg.slot, msg.token, deadline)
+        g = self.arena.attach(
+            peer.id, msg.slot, msg.token, deadline, capacity=msg.capacity, readers=msg.readers
+        )
         reply = p.encode_grant(msg.req, g.slot_size, g.slots, g.segments, g.lent)
         self._send(peer, reply, g.fds)
 
     def _pause(self, peer: _Peer) -> None:
         """Stop reading from ``peer`` (its next messages may name the claimed slot)."""
         peer.paused = True
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(peer.sock)
+        self._watch(peer)
 
     def _resume(self, peer: _Peer) -> None:
         peer.paused = False
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outq else 0)
-        self._sel.register(peer.sock, events, self._on_peer)
+        self._watch(peer)
+
+    def _watch(self, peer: _Peer) -> None:
+        """Have the selector watch what ``peer``'s state asks for: its requests, its queue."""
+        events = (selectors.EVENT_READ if peer.reading else 0) | (
+            selectors.EVENT_WRITE if peer.outq else 0
+        )
+        if events == peer.events or peer.id not in self._peers:
+            return
+        if not peer.events:
+            self._sel.register(peer.sock, events, self._on_peer)
+        elif not events:
+            self._sel.unregister(peer.sock)
+        else:
+            self._sel.modify(peer.sock, events, self._on_peer)
+        peer.events = events
 
     def _serve_claiming(self) -> None:
         """Apply notices that overtook the notices they depend on; drop the bogus.
@@ -620,10 +858,12 @@ class Manager:
                     self._claiming.append((peer, rest, deadline))
                 else:
                     log.warning("client %d (pid %d) sent a bogus claim", peer.id, peer.pid)
-                    self._drop(peer, "bogus claim")
+                    self._drop(peer, "bogus claim", gone=False)
 
     def _serve_attaching(self) -> None:
         """Retry Attaches that arrived before their sender's notice; refuse the hopeless."""
+        if not (self._attaching or self._claiming):
+            return
         if self._claiming:
             self._serve_claiming()
         now = time.monotonic()
@@ -634,7 +874,7 @@ class Manager:
             try:
                 self._attach(peer, msg)
             except StaleHandleError as exc:
-                if deadline > now and self.arena.awaits_detach(msg.slot):
+                if deadline > now and self.arena.awaits_detach(msg.slot, shared=msg.readers > 0):
                     self._attaching.append((peer, msg, deadline))
                     continue
                 self._send(peer, p.encode(p.Error(msg.req, exc.code, str(exc))))
@@ -648,7 +888,11 @@ class Manager:
 
     def _next_timeout(self) -> float:
         """Seconds until the nearest deadline (waiting acquire or attach, transit); 1 at most."""
-        deadlines: list[float] = [self._waiting[0].deadline] if self._waiting else []
+        deadlines = [w.deadline for w in self._waiting]
+        if self._hellos:
+            deadlines.append(self._hellos[0][0])
+        if self._stats_waiting:
+            deadlines.append(self._stats_due)
         deadlines += [deadline for _, _, deadline in self._attaching]
         deadlines += [deadline for _, _, deadline in self._claiming]
         transit = self.arena.next_deadline()
@@ -682,6 +926,49 @@ class Manager:
         )
         self._send(peer, p.encode(welcome))
 
+    # ---------------------------------------------------------------- limits
+
+    def _expire_hellos(self) -> None:
+        """Close connections that did not say Hello in time (they hold nothing)."""
+        now = time.monotonic()
+        while self._hellos and (self._hellos[0][0] <= now or self._hellos[0][1].welcomed):
+            _, peer = self._hellos.popleft()
+            if not peer.welcomed and peer.id in self._peers:
+                log.warning("client %d (pid %d) sent no Hello in time", peer.id, peer.pid)
+                text = f"no Hello within {self.hello_timeout} s"
+                self._send(peer, p.encode(p.Error(0, "protocol", text)))
+                self._drop(peer, "handshake timeout")
+
+    def _stats_request(self, peer: _Peer, req: int) -> None:
+        """Answer a Stats request now, or, if one was built too recently, at the next build.
+
+        Building costs O(clients + segments); spacing builds by ``STATS_DUTY``
+        times their cost keeps a client that asks in a loop from slowing the
+        others: it waits, and its later requests wait unread behind it.
+        """
+        self._stats_waiting.append((peer, req))
+        if time.monotonic() >= self._stats_due:
+            self._serve_stats()
+        else:
+            peer.stats_wait = True
+            self._watch(peer)
+
+    def _serve_stats(self) -> None:
+        """Build the statistics once for every Stats request that waits, if it is time."""
+        if not self._stats_waiting or time.monotonic() < self._stats_due:
+            return
+        waiting, self._stats_waiting = self._stats_waiting, []
+        started = time.monotonic()
+        stats = self.stats()
+        for peer, req in waiting:
+            self._send(peer, p.encode(p.StatsReply(req, stats)))
+        done = time.monotonic()
+        self._stats_due = done + STATS_DUTY * (done - started)
+        for peer, _ in waiting:
+            if peer.stats_wait:
+                peer.stats_wait = False
+                self._watch(peer)
+
     def stats(self) -> dict[str, Any]:
         """The arena's statistics plus the manager's own identity."""
         s = self.arena.stats()
@@ -693,6 +980,11 @@ class Manager:
             "address": self.address,
             "version": p.VERSION,
             "uptime": round(time.monotonic() - self._started, 3),
+            "connections": len(self._peers),
+            "quarantined": len(self._quarantined),
+            "queued_bytes": self._outbytes,
+            "throttled": sum(1 for peer in self._peers.values() if peer.throttled),
+            "waiting": len(self._waiting),
         }
         return s
 
@@ -712,12 +1004,16 @@ class Manager:
             self._drop(peer, f"send failed: {exc.strerror}")
 
     def _queue(self, peer: _Peer, data: bytes, fds: Sequence[int]) -> None:
-        if len(peer.outq) >= MAX_QUEUED:
-            self._drop(peer, "does not read its replies")
-            return
-        if not peer.outq and not peer.paused:
-            self._sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_peer)
+        """Keep a reply ``peer`` has no room for; throttle it if it leaves too many unread."""
         peer.outq.append((data, fds))
+        peer.outbytes += len(data)
+        self._outbytes += len(data)
+        if not peer.throttled and (
+            peer.outbytes > PEER_QUEUE_BYTES or self._outbytes > self.max_queued_bytes
+        ):
+            log.debug("client %d (pid %d) reads slowly: not read from", peer.id, peer.pid)
+            peer.throttled = True
+        self._watch(peer)
 
     def _flush(self, peer: _Peer) -> None:
         while peer.outq:
@@ -730,18 +1026,66 @@ class Manager:
                 self._drop(peer, f"send failed: {exc.strerror}")
                 return
             peer.outq.popleft()
-        if not peer.paused:
-            self._sel.modify(peer.sock, selectors.EVENT_READ, self._on_peer)
+            peer.outbytes -= len(data)
+            self._outbytes -= len(data)
+        peer.throttled = False
+        self._watch(peer)
 
-    def _drop(self, peer: _Peer, why: str) -> None:
+    def _drop(self, peer: _Peer, why: str, *, gone: bool = True) -> None:
+        """Close ``peer``'s connection and settle its slots.
+
+        ``gone``: it hung up, or its process exited, so its slots go back at
+        once. Otherwise (the manager closes on it: it broke the protocol) its
+        process may still write them; they stay quarantined until it exits.
+        """
         if self._peers.pop(peer.id, None) is None:
             return
         self._by_fd.pop(peer.sock.fileno(), None)
+        self._by_pidfd.pop(peer.pidfd, None)
+        self._per_uid[peer.uid] -= 1
+        if not self._per_uid[peer.uid]:
+            del self._per_uid[peer.uid]
+        self._outbytes -= peer.outbytes
+        peer.outq.clear()
+        peer.outbytes = 0
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(peer.sock)
         peer.sock.close()
-        returned = self.arena.drop_conn(peer.id, time.monotonic(), self.transit_timeout)
-        log.debug("client %d (pid %d) %s; %d slots returned", peer.id, peer.pid, why, returned)
+        if (
+            not gone
+            and peer.pidfd >= 0
+            and self.arena.holds_anything(peer.id)
+            and _alive(peer.pidfd)
+        ):
+            self._quarantined[peer.pidfd] = peer.id  # its pidfd stays registered
+            log.warning(
+                "client %d (pid %d) %s; its %d slots wait until that process exits",
+                peer.id, peer.pid, why, self.arena.held_by(peer.id),
+            )  # fmt: skip
+            return
+        self._unwatch_exit(peer.pidfd)
+        self._settle(peer.id, f"client {peer.id} (pid {peer.pid}) {why}")
+
+    def _release_quarantine(self, pidfd: int) -> None:
+        """A quarantined connection's process exited: its slots go back."""
+        conn = self._quarantined.pop(pidfd)
+        self._unwatch_exit(pidfd)
+        self._settle(conn, f"quarantined client {conn} exited")
+
+    def _unwatch_exit(self, pidfd: int) -> None:
+        if pidfd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(pidfd)
+            os.close(pidfd)
+
+    def _settle(self, conn: int, why: str) -> None:
+        """Return every slot of connection ``conn`` and serve whoever waited for them."""
+        try:
+            returned = self.arena.drop_conn(conn, time.monotonic(), self.transit_timeout)
+        except Exception:  # its slots stay held: better lost than handed out twice
+            log.exception("internal error settling the slots of client %d", conn)
+            returned = 0
+        log.debug("%s; %d slots returned", why, returned)
         if returned and self._waiting:
             self._serve_waiting()
         if self._claiming or self._attaching:
@@ -753,6 +1097,38 @@ def _sendmsg(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:
         sock.send(data)
+
+
+def _pidfd(pid: int) -> int:
+    """A descriptor that becomes readable when process ``pid`` exits; -1 if none can be had.
+
+    (The pid may be 0 for a peer in another pid namespace, or the process may
+    be gone already; then only its socket's end-of-file tells.)
+    """
+    if pid <= 0:
+        return -1
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return -1
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _alive(pidfd: int) -> bool:
+    """True while the process behind ``pidfd`` runs."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return not poller.poll(0)
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes we sent on ``sock`` that the peer has not read yet (SIOCOUTQ)."""
+    try:
+        unread: int = _INT.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(_INT.size)))[0]
+        return unread
+    except OSError:
+        return 0
 
 
 def _notify(fd: int | None, text: str) -> None:

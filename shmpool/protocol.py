@@ -59,6 +59,7 @@ __all__ = [
     "NOTICE_RETURNED",
     "NOTICE_WORDS",
     "VERSION",
+    "WAIT_DEFAULT",
     "Acquire",
     "Attach",
     "Error",
@@ -85,14 +86,16 @@ __all__ = [
     "is_returned",
     "lent_word",
     "returned_word",
+    "seal_token",
     "ticket_token",
     "ticket_word",
     "token_maker",
 ]
 
 #: Bumped whenever clients of one manager could not work together, down to how a
-#: pickled Lease names the function that loads it (5: ``shmpool._attach_anywhere``).
-VERSION = 5
+#: pickled Lease names the function that loads it (5: ``shmpool._attach_anywhere``;
+#: 6: ``Acquire.wait`` counts milliseconds).
+VERSION = 6
 #: Largest request datagram a client may send (a full Release batch fits easily).
 MAX_REQUEST = 16 * 1024
 #: Largest reply datagram the manager sends (below the ~200 KiB SEQPACKET limit).
@@ -106,6 +109,9 @@ MAX_BUFFER = 1 << MAX_SHIFT
 MAX_TEXT = 1024
 #: Most readers one shared slot may be published to.
 MAX_READERS = 1 << 16
+#: ``Acquire.wait`` that asks for the manager's default wait; anything less is
+#: milliseconds (``WAIT_DEFAULT - 1``, about 49 days, stands for "for ever").
+WAIT_DEFAULT = 2**32 - 1
 
 
 def _int(value: Any, name: str, lo: int = 0, hi: int = MAX_ID) -> None:
@@ -236,10 +242,12 @@ class Acquire(_Message):
     """Lease ``count`` slots of the class that fits ``size`` bytes.
 
     ``hits`` is the client's running count of acquires served from its local
-    cache, piggybacked so the manager's stats can show it. ``wait`` 0 makes
-    it a prefetch: answered at once, with free slots (or a new segment
-    within the budget) or an ``exhausted`` Error, never parked, recalling
-    nothing, and refused while other clients wait for that class.
+    cache, piggybacked so the manager's stats can show it. ``wait`` is how
+    long (milliseconds) the acquire may wait for memory when none is free:
+    ``WAIT_DEFAULT`` asks for the manager's own ``acquire_wait``; 0 makes it
+    answered at once, with free slots (or a new segment within the budget)
+    or an ``exhausted`` Error, never parked, recalling nothing, and refused
+    while other clients wait for that class (a prefetch, or ``timeout=0``).
     """
 
     TYPE: ClassVar[int] = 2
@@ -247,14 +255,14 @@ class Acquire(_Message):
     size: int
     count: int = 1
     hits: int = 0
-    wait: int = 1
+    wait: int = WAIT_DEFAULT
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
         _int(self.size, "size", 1, MAX_BUFFER)
         _int(self.count, "count", 1, MAX_BATCH)
         _int(self.hits, "hits")
-        _int(self.wait, "wait", 0, 1)
+        _int(self.wait, "wait", 0, WAIT_DEFAULT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +495,32 @@ def lent_word(token: int, generation: int) -> int:
     return ticket_word(token, generation) | LENT
 
 
+#: Odd 64-bit constants ``seal_token`` multiplies a handle's fields by.
+_SEAL_LENGTH = 0xBF58_476D_1CE4_E5B9
+_SEAL_CAPACITY = 0x94D0_49BB_1331_11EB
+_SEAL_READERS = 0xFF51_AFD7_ED55_8CCD
+
+
+def seal_token(token: int, length: int, capacity: int, readers: int) -> int:
+    """The token a ``Handle`` carries for a handoff under ``token``, sealed with its fields.
+
+    Each of ``length``, ``capacity`` and ``readers`` times its own odd
+    constant, XORed into the token (62 bits kept), like ``ticket_word``
+    mixes in the generation. The call is its own inverse: a receiver
+    unseals ``handle.token`` with the handle's fields and gets the token of
+    the handoff back, the one the ticket word and the manager's books hold.
+    A handle with one of those fields changed unseals to another token,
+    which matches neither, so it is stale. A check against mistakes, not a
+    secret: whoever knows this function can reseal a changed field, which
+    is why the capacity and the read-only-ness are also checked against the
+    record (the receiver's mapping, or the manager's, which ``Attach``
+    asks). The C twin is ``_speedups.seal_token``.
+    """
+    return (
+        token ^ length * _SEAL_LENGTH ^ capacity * _SEAL_CAPACITY ^ readers * _SEAL_READERS
+    ) & _TICKET_BITS
+
+
 def returned_word(generation: int) -> int:
     """The ticket word of a lent slot its last borrower let go of (a claim by client 0)."""
     return CLAIMED | (generation & 0x7FFF_FFFF) << 32
@@ -535,9 +569,33 @@ def token_maker(key: int) -> Callable[[int, int, int], int]:
 
 @dataclass(frozen=True, slots=True)
 class Attach(_SlotToken):
-    """Lease a slot in transit to this client; answered by a one-slot ``Grant``."""
+    """Lease a slot in transit to this client; answered by a one-slot ``Grant``.
+
+    ``token`` is the handoff's (the handle's, unsealed: see ``seal_token``);
+    ``capacity`` and ``readers`` are the handle's, which the manager checks
+    against its record of the slot (its size; whether it is shared) before
+    it grants anything.
+    """
 
     TYPE: ClassVar[int] = 7
+    capacity: int
+    readers: int
+
+    def __post_init__(self) -> None:
+        _SlotToken.__post_init__(self)
+        _int(self.capacity, "capacity", 1, MAX_BUFFER)
+        _int(self.readers, "readers", 0, MAX_READERS)
+
+    def to_wire(self) -> list[Any]:
+        return [*_SlotToken.to_wire(self), self.capacity, self.readers]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Any:
+        if len(items) != 5 or type(items[1]) is not list:
+            raise TypeError(
+                "Attach is [req, [segment, index, generation], token, capacity, readers]"
+            )
+        return cls(items[0], SlotRef.from_wire(items[1]), *items[2:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,7 +787,7 @@ def encode(message: Message) -> bytes:
     return _pack(message.to_wire())  # type: ignore[no-any-return]
 
 
-def encode_acquire(req: int, size: int, count: int, hits: int, wait: int = 1) -> bytes:
+def encode_acquire(req: int, size: int, count: int, hits: int, wait: int = WAIT_DEFAULT) -> bytes:
     """``encode(Acquire(...))`` without building the object: the client's slow path.
 
     The caller guarantees valid fields (this process made them); what the

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .buffer import Lease
 from .errors import LeaseClosedError
 from .handle import Handle
+from .protocol import seal_token
 
 if TYPE_CHECKING:
     from .client import Pool
@@ -250,7 +251,10 @@ class SharedBuffer(io.BufferedIOBase):
         self._lease = None
         self._view = memoryview(b"")
         super().close()
-        return handle._replace(length=self._len)
+        # The handle's token is sealed with its length (protocol.seal_token): reseal it.
+        length, capacity, readers = self._len, handle.capacity, handle.readers
+        token = seal_token(handle.token, handle.length, capacity, readers)
+        return handle._replace(token=seal_token(token, length, capacity, readers), length=length)
 
     def __reduce__(self) -> tuple[Any, tuple[Handle]]:
         from .client import _attach_buffer_anywhere

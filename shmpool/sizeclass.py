@@ -8,6 +8,7 @@ wrap, but we still bound every value explicitly: a class is ``2**k`` bytes with
 
 from __future__ import annotations
 
+import operator
 import re
 
 __all__ = [
@@ -145,14 +146,16 @@ def check_request(n: object) -> int:
     """Validate a requested byte count; return it.
 
     Raises:
-        TypeError: ``n`` is not an ``int`` (``bool`` is refused too).
+        TypeError: ``n`` is not an integer (``operator.index``; ``bool`` is refused).
         ValueError: ``n <= 0`` or ``n`` is above ``2**MAX_SHIFT``.
     """
     if type(n) is not int:
-        if isinstance(n, int) and not isinstance(n, bool):
-            n = int(n)
-        else:
-            raise TypeError(f"size must be an int, not {type(n).__name__}")
+        if isinstance(n, bool):
+            raise TypeError("size must be an int, not bool")
+        try:
+            n = operator.index(n)  # type: ignore[arg-type]  # int subclasses, numpy ints
+        except TypeError:
+            raise TypeError(f"size must be an int, not {type(n).__name__}") from None
     if n <= 0:
         raise ValueError(f"size must be positive, got {n}")
     if n > 1 << MAX_SHIFT:

@@ -27,7 +27,14 @@ PER_SIZE = (
     "shared_memory_manager.create",
     "floor.memoryview_slice",
 )
-ONCE = ("floor.socket_roundtrip", "floor.pipe_message", "scaling.1", "scaling.2")
+ONCE = (
+    "floor.socket_roundtrip",
+    "floor.pipe_message",
+    "scaling.1",
+    "scaling.2",
+    "manager.request",
+    "manager.request_under_stats_spam",
+)
 HANDOFF = ("handoff.shmpool", "handoff.queue", "handoff.pipe")
 #: The CLI run is only worth it while it stays a smoke test.
 CLI_BUDGET = 60

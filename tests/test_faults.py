@@ -20,6 +20,7 @@ from conftest import all_returned, assert_balanced, client_entries, shm_names, w
 
 import shmpool
 from shmpool import protocol
+from shmpool.manager import PEER_QUEUE_BYTES
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -369,30 +370,53 @@ def test_huge_requests_get_errors_not_crashes(manager: shmpool.ManagerProcess) -
         _healthy(manager, pool)
 
 
-def test_client_that_never_reads_is_dropped(manager: shmpool.ManagerProcess) -> None:
+def test_client_that_never_reads_is_throttled_not_dropped(
+    manager: shmpool.ManagerProcess,
+) -> None:
+    """A client that leaves its replies unread is not read from; it keeps its leases.
+
+    (Issue 10: dropping it handed its live leases to others while it could
+    still write them.) Its queue stays bounded; it catches up when it reads.
+    """
     with manager.connect(name="bystander") as pool:
         held = pool.acquire(5000)
         held.view[:] = _pattern("bystander", 5000)
-        with RawClient(manager.address, timeout=10) as flood:
+        with RawClient(manager.address) as flood:
             flood.hello(name="flood")
-            sent = 0
-            deadline = time.monotonic() + 30
-            with pytest.raises(OSError):  # EPIPE/ECONNRESET once the manager hangs up
-                while time.monotonic() < deadline:
-                    flood.send_raw(protocol.encode(protocol.Acquire(flood.next_req(), 100, 1)))
-                    sent += 1
-            assert sent > 0
-            # What was sent before the hang-up can still be read, then end-of-file.
-            replies = flood.expect_closed()
-            assert len(replies) < sent
-            assert all(isinstance(m, protocol.Grant) for m in replies)
+            grant = flood.call(protocol.Acquire(flood.next_req(), 100, 1))
+            assert isinstance(grant, protocol.Grant)
+            flood.sock.settimeout(0)
+            sent: list[int] = []
+
+            def throttled() -> bool:
+                with contextlib.suppress(BlockingIOError):
+                    for _ in range(200):
+                        req = flood.next_req()
+                        flood.send_raw(protocol.encode(protocol.Stats(req)))
+                        sent.append(req)
+                return bool(manager.stats()["manager"]["throttled"])
+
+            wait_for(throttled, timeout=30)
+            stats = pool.stats()
+            limit = PEER_QUEUE_BYTES + protocol.MAX_REPLY
+            assert 0 < stats["manager"]["queued_bytes"] <= limit
+            (entry,) = _clients_named(manager, "flood")
+            assert entry["leased"] == 1  # its slot is still its own
+            assert bytes(held.view) == _pattern("bystander", 5000)
+            _healthy(manager, pool)
+            # It reads at last: every reply comes, in order, and it is served again.
+            flood.sock.settimeout(10)
+            for req in sent:
+                reply = flood.receive()
+                assert isinstance(reply, protocol.StatsReply) and reply.req == req, reply
+            assert isinstance(flood.call(protocol.Stats(flood.next_req())), protocol.StatsReply)
         wait_for(lambda: not _clients_named(manager, "flood"))
         stats = pool.stats()
         assert_balanced(stats)
-        # Every slot the flooder was granted went back; only the bystander holds any.
+        assert stats["manager"]["throttled"] == 0
+        # The slot the flooder held went back when it hung up.
         (mine,) = client_entries(stats, os.getpid())
         assert sum(c["leased"] for c in stats["classes"]) == mine["leased"]
-        assert bytes(held.view) == _pattern("bystander", 5000)
         held.release()
         _healthy(manager, pool)
 

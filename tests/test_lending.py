@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 from conftest import all_returned, assert_balanced, client_entries, wait_for
 from test_handoff import _reap, _recv, assert_transit_balanced, class_of, pattern
-from test_tickets import _pure
+from test_tickets import _pure, _token
 
 import shmpool
 from shmpool import buffer, janitor
@@ -167,7 +167,7 @@ def test_a_chain_of_borrowers_sends_nothing_and_the_slot_comes_home(
         sent = (a.messages, b.messages, c.messages)
 
         h1 = lease.detach()
-        assert _word(a, h1) == lent_word(h1.token, h1.generation)
+        assert _word(a, h1) == lent_word(_token(h1), h1.generation)
         assert [s.ref[:2] for s in a._lent] == [(h1.segment, h1.index)]
         lent = manager.stats()  # through a connection of its own: our counters stay
         assert lent["in_transit"] == 1 and class_of(lent, SLOT)["in_transit"] == 1
@@ -183,7 +183,7 @@ def test_a_chain_of_borrowers_sends_nothing_and_the_slot_comes_home(
         assert got_b.closed
         assert (h2.segment, h2.index) == (h1.segment, h1.index)
         assert h2.generation == h1.generation + 1 and h2.token != h1.token
-        assert _word(a, h2) == lent_word(h2.token, h2.generation)
+        assert _word(a, h2) == lent_word(_token(h2), h2.generation)
         with pytest.raises(shmpool.StaleHandleError):
             c.attach(h1)  # refused at the word: the first handle was used
 
@@ -359,7 +359,7 @@ def test_a_borrower_hands_on_a_slot_whose_lender_died(
             onward = got.detach()  # lent on, as a slot of our own
             assert got.closed
             assert onward.generation == handle.generation + 1
-            assert _word(pool, handle) == lent_word(onward.token, onward.generation)
+            assert _word(pool, handle) == lent_word(_token(onward), onward.generation)
             there = nxt.attach(onward)
             assert bytes(there.view) == pattern("lender|", SIZE)
             there.release()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +102,60 @@ def test_both_implementations_behave_alike(impl: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "OK"
+
+
+@pytest.mark.skipif(not buffer.SPEEDUPS, reason="the C hot path is not built here")
+def test_c_and_python_seal_handle_tokens_alike() -> None:
+    """``_speedups.seal_token`` (hand_off, take) is ``protocol.seal_token``, bit for bit."""
+    import random
+
+    from shmpool import protocol
+
+    seal = buffer._speedups.seal_token
+    rng = random.Random(1010)
+    edges = [0, 1, (1 << 62) - 1, (1 << 63) - 1]
+    for _ in range(20_000):
+        capacity = 1 << rng.randrange(0, protocol.MAX_SHIFT + 1)
+        fields = (
+            rng.choice([*edges, rng.randrange(1 << 62), rng.randrange(1 << 63)]),
+            rng.choice([0, capacity, rng.randrange(capacity + 1)]),
+            rng.choice([capacity, rng.randrange(1, protocol.MAX_BUFFER + 1)]),
+            rng.choice([0, 1, protocol.MAX_READERS, rng.randrange(protocol.MAX_READERS + 1)]),
+        )
+        assert seal(*fields) == protocol.seal_token(*fields), fields
+
+
+@pytest.mark.skipif(not buffer.SPEEDUPS, reason="the C hot path is not built here")
+def test_c_and_python_handoffs_read_each_others_handles() -> None:
+    """A handle C's hand_off sealed attaches in Python, and one Python sealed is taken in C.
+
+    Random lengths; the same handle with its length or capacity changed is
+    refused by both (C's take declines it, and Python raises).
+    """
+    import random
+
+    rng = random.Random(2020)
+    with (
+        shmpool.start(min_size="4KiB", max_size="1MiB", memory="16MiB") as manager,
+        manager.connect() as pool,
+    ):
+        for _ in range(300):
+            length = rng.randrange(1, 16 * 1024 + 1)
+            lease = pool.acquire(length)
+            lease.view[-1:] = b"x"
+            sealed_in_c = rng.random() < 0.5
+            # hand_off seals and Python's attach (_claim) unseals, or the other way round
+            fields = lease.__reduce__()[1] if sealed_in_c else tuple(lease.detach())
+            handle = shmpool.Handle(*fields)
+            for forged in (
+                handle._replace(length=handle.length + 1),
+                handle._replace(length=handle.length - 1),
+                handle._replace(capacity=handle.capacity * 2),
+            ):
+                assert pool._take(tuple(forged)) is None
+                with pytest.raises(shmpool.StaleHandleError):
+                    pool.attach(forged)
+            got: Any = pool.attach(handle) if sealed_in_c else pool._take(tuple(handle))
+            assert got is not None
+            assert (len(got.view), got.view[-1:].tobytes()) == (length, b"x")
+            got.release()

@@ -17,7 +17,7 @@ from conftest import assert_balanced, client_entries, wait_for
 
 import shmpool
 from shmpool import buffer, janitor
-from shmpool.protocol import claim_word, lent_word, returned_word, ticket_word
+from shmpool.protocol import claim_word, lent_word, returned_word, seal_token, ticket_word
 
 pytestmark = pytest.mark.skipif(not buffer.SPEEDUPS, reason="ticket words need the C extension")
 
@@ -36,6 +36,11 @@ def _mapped(sender: shmpool.Pool, receiver: shmpool.Pool) -> None:
     receiver.attach(lease.detach()).release()
 
 
+def _token(handle: shmpool.Handle) -> int:
+    """The handoff's token: the handle's, unsealed with its length, capacity and readers."""
+    return seal_token(handle.token, handle.length, handle.capacity, handle.readers)
+
+
 def _ticket(pool: shmpool.Pool, handle: shmpool.Handle) -> int:
     seg = pool._segments[handle.segment]
     return int(buffer._speedups.load64(seg.tickets, 8 * handle.index))
@@ -46,7 +51,7 @@ def test_the_manager_says_tickets_are_on(mgr: shmpool.ManagerProcess) -> None:
         assert pool._tickets_on
         lease = pool.acquire(SIZE)
         handle = lease.detach()
-        assert _ticket(pool, handle) == lent_word(handle.token, handle.generation)  # published
+        assert _ticket(pool, handle) == lent_word(_token(handle), handle.generation)  # published
         pool.attach(handle).release()
 
 
@@ -70,7 +75,7 @@ def test_a_handoff_sends_nothing_and_the_slot_comes_back_by_its_word(
         lease.view[:4] = b"tick"
         sent_a, sent_b = a.messages, b.messages
         handle = lease.detach()
-        assert _ticket(a, handle) == lent_word(handle.token, handle.generation)
+        assert _ticket(a, handle) == lent_word(_token(handle), handle.generation)
         got = b.attach(handle)
         assert _ticket(a, handle) == claim_word(b.client_id, handle.generation)
         assert bytes(got.view[:4]) == b"tick"
@@ -197,7 +202,7 @@ def _claim_and_die(address: str, handle: shmpool.Handle, w: int) -> None:
         pool.acquire(SIZE).release()  # maps the segment the handle names
         seg = pool._segments[handle.segment]
         claimed = claim_word(pool.client_id, handle.generation)
-        word = lent_word(handle.token, handle.generation)
+        word = lent_word(_token(handle), handle.generation)
         ok = buffer._speedups.cas64(seg.tickets, 8 * handle.index, word, claimed)
         os.write(w, b"1" if ok else b"0")
     finally:
@@ -235,9 +240,10 @@ def _handle_by_hand(pool: shmpool.Pool, lease: shmpool.Lease) -> shmpool.Handle:
     pool._publish_ticket(slot.ref, ticket_word(token, slot.ref.generation + 1))
     lease._disown()
     ref = slot.ref
+    length, capacity = len(slot.view), slot.capacity
     return shmpool.Handle(
-        pool.manager_instance, ref.segment, ref.index, ref.generation + 1, token,
-        len(slot.view), slot.capacity,
+        pool.manager_instance, ref.segment, ref.index, ref.generation + 1,
+        seal_token(token, length, capacity, 0), length, capacity,
     )  # fmt: skip
 
 
@@ -470,9 +476,10 @@ def test_the_c_token_is_fresh_for_every_lend(mgr: shmpool.ManagerProcess) -> Non
             lease = a.acquire(SIZE)
             fields = lease.__reduce__()[1]  # the C path: the handle as plain ints
             handle = shmpool.Handle(*fields)
-            assert handle.token & 1 and 0 < handle.token < 1 << 62
-            tokens.add(handle.token)
-            assert _ticket(a, handle) == lent_word(handle.token, handle.generation)
+            token = _token(handle)
+            assert token & 1 and 0 < token < 1 << 62
+            tokens.add(token)
+            assert _ticket(a, handle) == lent_word(_token(handle), handle.generation)
             got = b.attach(handle)
             got.release()
         assert len(tokens) == 50
@@ -520,7 +527,7 @@ def test_a_pool_subclass_lends_through_getattr(mgr: shmpool.ManagerProcess) -> N
             lease = a.acquire(SIZE)
             lease.view[:3] = b"sub"
             handle = shmpool.Handle(*lease.__reduce__()[1])  # the C hand_off
-            assert _ticket(a, handle) == lent_word(handle.token, handle.generation)
+            assert _ticket(a, handle) == lent_word(_token(handle), handle.generation)
             got = b.attach(handle)
             assert bytes(got.view[:3]) == b"sub"
             got.release()
