@@ -933,7 +933,7 @@ class Manager:
         now = time.monotonic()
         while self._hellos and (self._hellos[0][0] <= now or self._hellos[0][1].welcomed):
             _, peer = self._hellos.popleft()
-            if not peer.welcomed and peer.id in self._peers:
+            if not peer.welcomed and self._peers.get(peer.id) is peer:
                 log.warning("client %d (pid %d) sent no Hello in time", peer.id, peer.pid)
                 text = f"no Hello within {self.hello_timeout} s"
                 self._send(peer, p.encode(p.Error(0, "protocol", text)))
