@@ -361,7 +361,7 @@ class Pool:
             else:
                 raise ValueError
         except (IndexError, ValueError, TypeError, AttributeError):
-            return self._acquire_slow(size)
+            return self._acquire_slow(size, timeout)
         self._acquires += 1
         lease: Lease = _new_lease(Lease)  # make_lease(), inlined: this is the hot path
         lease._slot = slot

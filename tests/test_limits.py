@@ -334,3 +334,22 @@ def test_stats_requests_in_a_loop_are_all_answered_in_order(
         finally:
             sock.close()
         assert_balanced(pool.stats())
+
+
+def test_the_pure_python_acquire_passes_its_timeout_on() -> None:
+    """``Pool.acquire`` itself (the C twin shadows it when built) must not drop ``timeout``.
+
+    With the manager's default wait at 100 s, a dropped ``timeout=0`` would
+    park this acquire far past the test's time limit.
+    """
+    with (
+        shmpool.start(acquire_wait=100, **SMALL) as mgr,
+        mgr.connect() as holder,
+        mgr.connect() as pool,
+    ):
+        leases = [holder.acquire(SLOT) for _ in range(16)]
+        with pytest.raises(PoolExhaustedError):
+            shmpool.Pool.acquire(pool, SLOT, timeout=0)
+        assert _manager_info(mgr)["waiting"] == 0
+        for lease in leases:
+            lease.release()
