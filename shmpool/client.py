@@ -116,8 +116,8 @@ def _before_fork() -> None:
     pid = os.getpid()
     janitors = [t for t in threading.enumerate() if isinstance(t, Janitor) and t._pid == pid]
     if janitors:
-        _forker[0] = sys._getframe(1)  # the caller of os.fork(): see _restart_when_forked
-        _forker[2] = threading.get_ident()
+        _forker.frame = sys._getframe(1)  # the caller of os.fork(): see _restart_when_forked
+        _forker.thread = threading.get_ident()
     for janitor in janitors:  # those of closed pools too, which may not have ended yet
         pool = janitor._pool()
         if pool is not None and pool._janitor is janitor:
@@ -145,10 +145,15 @@ def _after_fork_in_parent() -> None:
     _restart_paused()
 
 
-#: The Python frame that called ``os.fork()`` (seen from ``_before_fork``), how
-#: many times ``_restart_when_forked`` has put itself back in the queue, and
-#: the forking thread.
-_forker: list[Any] = [None, 0, 0]
+class _Forker:
+    """The fork in progress, as ``_restart_when_forked`` needs to know it."""
+
+    frame: Any = None  # the Python frame that called os.fork() (seen from _before_fork)
+    thread = 0  # the thread that forked
+    requeues = 0  # how many times _restart_when_forked put itself back in the queue
+
+
+_forker = _Forker()
 #: ``_restart_when_forked`` waits for ``os.fork()`` to return at most this many turns.
 MAX_REQUEUES = 10_000
 
@@ -161,24 +166,22 @@ def _restart_when_forked() -> None:
     ``os.fork()`` counts threads. It has returned once the frame running is
     the one that called it.
     """
-    frame, _forker[0] = _forker[0], None
-    running = sys._getframe(1)
+    frame = _forker.frame
     if (
         frame is not None
-        and running is not frame
-        and threading.get_ident() == _forker[2]  # else the main thread runs other code
-        and _forker[1] < MAX_REQUEUES
+        and sys._getframe(1) is not frame
+        and threading.get_ident() == _forker.thread  # else the main thread runs other code
+        and _forker.requeues < MAX_REQUEUES
+        and _speedups.call_soon(_restart_when_forked)
     ):
-        _forker[0] = frame
-        _forker[1] += 1
-        if _speedups.call_soon(_restart_when_forked):
-            return
-    _forker[1] = 0
+        _forker.requeues += 1
+        return
+    _forker.requeues = 0
     _restart_paused()
 
 
 def _restart_paused() -> None:
-    _forker[0] = None
+    _forker.frame = None
     pools = list(_paused)
     _paused.clear()
     for pool in pools:
@@ -188,7 +191,7 @@ def _restart_paused() -> None:
 
 def _after_fork_in_child() -> None:
     _paused.clear()  # the parent restarts its own janitors
-    _forker[0] = None
+    _forker.frame = None
     for pool in list(_POOLS):
         pool._forget_parent()
 

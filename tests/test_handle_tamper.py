@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 from conftest import all_returned, assert_balanced, wait_for
+from test_handoff import pattern
+from test_handoff import slot_state as handoff_slot_state
 
 import shmpool
 from shmpool import Handle
@@ -53,20 +55,9 @@ ALTERATIONS: dict[str, Callable[[Handle], Handle]] = {
 }
 
 
-def pattern(tag: str, n: int) -> bytes:
-    unit = tag.encode()
-    return (unit * (n // len(unit) + 1))[:n]
-
-
 def slot_state(stats: dict[str, Any]) -> dict[str, Any]:
-    """What a refused attach must leave unchanged: every slot count and the memory."""
-    return {
-        "classes": stats["classes"],
-        "oversize": stats["oversize"],
-        "in_transit": stats["in_transit"],
-        "shared": stats["shared"],
-        "mapped_bytes": stats["mapped_bytes"],
-    }
+    """What a refused attach must leave unchanged: ``test_handoff``'s counts, and shares."""
+    return {**handoff_slot_state(stats), "shared": stats["shared"]}
 
 
 def receive(pool: shmpool.Pool, handle: Handle, pickled: bool) -> shmpool.Lease:
