@@ -15,7 +15,8 @@ def main() -> None:
             print(f"leased {len(lease.view)} bytes in a {lease.capacity}-byte slot")
             print(bytes(lease.view[:5]))
             stats = pool.stats()
-        print(f"manager mapped {stats['mapped_bytes']} bytes for {len(stats['clients'])} client(s)")
+        committed, clients = stats["committed_bytes"], len(stats["clients"])
+        print(f"manager committed {committed} bytes of memory for {clients} client(s)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@
  * pool) is handed to the Python slow path unchanged, so errors are raised in
  * one place. A release appends the slot to its home cache and, past the cache's
  * high-water mark, calls the pool's Python _trim().
+ *
+ * Every lease counts its bytes in its pool's Meter from when it is made until
+ * its view is released (lease_new_raw, lease_close_view), and a cache hit
+ * counts its size; the pool reports both to the manager (Pool.usage()).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -56,17 +60,100 @@ member_offset(PyTypeObject *type, const char *name)
     return offset;
 }
 
+/* ---------------------------------------------------------------- Meter
+ *
+ * What a pool's leases use, buffer._PyMeter's twin: the bytes of the leases
+ * open now, and the acquires made, each by k = (n - 1).bit_length(). Only
+ * k <= 48 (protocol.MAX_SHIFT: no lease is longer) occurs, and only those are
+ * reported; the arrays have a place for every k of a Py_ssize_t n, so the hot
+ * paths index them without a bounds check. The GIL guards them. */
+
+#define METER_REPORTED 49
+#define METER_PLACES 64
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t requested[METER_PLACES];
+    Py_ssize_t sizes[METER_PLACES];
+} MeterObject;
+
+/* (n - 1).bit_length(), and 0 for n <= 1 (a lease of 0 bytes counts 0 bytes anywhere) */
+static inline int
+meter_bucket(Py_ssize_t n)
+{
+    return n > 1 ? 64 - __builtin_clzll((unsigned long long)(n - 1)) : 0;
+}
+
+static PyObject *
+meter_tuple(const Py_ssize_t *counts)
+{
+    PyObject *t = PyTuple_New(METER_REPORTED);
+    for (int k = 0; t != NULL && k < METER_REPORTED; k++) {
+        PyObject *n = PyLong_FromSsize_t(counts[k]);
+        if (n == NULL)
+            Py_CLEAR(t);
+        else
+            PyTuple_SET_ITEM(t, k, n);
+    }
+    return t;
+}
+
+/* snapshot() -> (requested, sizes): two tuples of 49 ints. */
+static PyObject *
+meter_snapshot(MeterObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *requested = meter_tuple(self->requested);
+    PyObject *sizes = requested ? meter_tuple(self->sizes) : NULL;
+    PyObject *r = sizes ? PyTuple_Pack(2, requested, sizes) : NULL;
+    Py_XDECREF(requested);
+    Py_XDECREF(sizes);
+    return r;
+}
+
+/* count_acquire(size): an acquire of `size` bytes returned a lease (the Python slow path's). */
+static PyObject *
+meter_count_acquire(MeterObject *self, PyObject *size)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(size);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    self->sizes[meter_bucket(n)]++;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef meter_methods[] = {
+    {"snapshot", (PyCFunction)meter_snapshot, METH_NOARGS,
+     "snapshot() -> (requested, sizes): 49 ints each, indexed by k"},
+    {"count_acquire", (PyCFunction)meter_count_acquire, METH_O,
+     "count_acquire(size): count an acquire that returned a lease"},
+    {NULL},
+};
+
+/* No GC: a Meter holds no references, so no cycle runs through it. */
+static PyTypeObject MeterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmpool._speedups.Meter",
+    .tp_basicsize = sizeof(MeterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The bytes of a pool's open leases, and its acquires, by (n - 1).bit_length().",
+    .tp_methods = meter_methods,
+    .tp_new = PyType_GenericNew,
+};
+
 /* ------------------------------------------------------------ LeaseBase */
 
 typedef struct {
     PyObject_HEAD
     PyObject *slot; /* a buffer._Slot */
     PyObject *view; /* the memoryview handed out; NULL once released */
+    MeterObject *meter; /* counts `length` while view is set; never NULL */
+    Py_ssize_t length;  /* len(view) when made (a view its user released no longer says) */
 } LeaseObject;
 
 /* Leases take part in garbage collection: a traceback that keeps a frame
  * holding a lease alive, and the pool that lease leads back to, must remain
- * collectable as a cycle. */
+ * collectable as a cycle. The meter is in no cycle (it holds no references):
+ * only dealloc lets it go, so it is there for as long as the lease is. */
 static int
 lease_traverse(LeaseObject *self, visitproc visit, void *arg)
 {
@@ -89,11 +176,13 @@ lease_dealloc(LeaseObject *self)
     PyObject_GC_UnTrack(self);
     Py_CLEAR(self->slot);
     Py_CLEAR(self->view);
+    Py_CLEAR(self->meter);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* A new lease over `slot` showing its first `size` bytes, counted in `meter`. */
 static PyObject *
-lease_new_raw(PyTypeObject *type, PyObject *slot, Py_ssize_t size)
+lease_new_raw(PyTypeObject *type, PyObject *slot, Py_ssize_t size, MeterObject *meter)
 {
     PyObject *whole = get_field(slot, SlotType, off_slot_view, s_view);
     if (whole == NULL)
@@ -102,6 +191,11 @@ lease_new_raw(PyTypeObject *type, PyObject *slot, Py_ssize_t size)
     Py_DECREF(whole);
     if (view == NULL)
         return NULL;
+    if (!PyMemoryView_Check(view)) { /* its length is read below */
+        Py_DECREF(view);
+        PyErr_SetString(PyExc_TypeError, "a slot's view must be a memoryview");
+        return NULL;
+    }
     LeaseObject *lease = (LeaseObject *)type->tp_alloc(type, 0);
     if (lease == NULL) {
         Py_DECREF(view);
@@ -110,13 +204,18 @@ lease_new_raw(PyTypeObject *type, PyObject *slot, Py_ssize_t size)
     Py_INCREF(slot);
     lease->slot = slot;
     lease->view = view;
+    Py_INCREF(meter);
+    lease->meter = meter;
+    lease->length = PyMemoryView_GET_BUFFER(view)->len;
+    meter->requested[meter_bucket(lease->length)] += lease->length;
     return (PyObject *)lease;
 }
 
 /* Close the lease: release the view it handed out. 1 done, 0 closed already, -1 error.
  * The view goes first: while something exports it, it refuses (BufferError) and
- * the lease stays open, its slot neither returned nor lost (buffer._close). No
- * Python code runs in between, so no other thread closes the lease meanwhile. */
+ * the lease stays open, and counted, its slot neither returned nor lost
+ * (buffer._close). No Python code runs in between, so no other thread closes
+ * the lease meanwhile, and its bytes leave the meter once. */
 static int
 lease_close_view(LeaseObject *self)
 {
@@ -142,6 +241,7 @@ lease_close_view(LeaseObject *self)
     }
     Py_DECREF(r);
     self->view = NULL;
+    self->meter->requested[meter_bucket(self->length)] -= self->length;
     Py_DECREF(view);
     return 1;
 }
@@ -235,6 +335,12 @@ lease_get_slot(LeaseObject *self, void *Py_UNUSED(closure))
 }
 
 static PyObject *
+lease_get_meter(LeaseObject *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->meter ? (PyObject *)self->meter : Py_None);
+}
+
+static PyObject *
 lease_exit(LeaseObject *self, PyObject *Py_UNUSED(args))
 {
     return lease_release(self, NULL);
@@ -289,6 +395,7 @@ static PyGetSetDef lease_getset[] = {
      "The writable memoryview; raises LeaseClosedError once released.", NULL},
     {"_view", (getter)lease_get_raw_view, NULL, NULL, NULL},
     {"_slot", (getter)lease_get_slot, NULL, NULL, NULL},
+    {"_meter", (getter)lease_get_meter, NULL, "the Meter this lease counts in", NULL},
     {NULL},
 };
 
@@ -314,6 +421,7 @@ typedef struct {
     PyObject *lookup;     /* list indexed by (size - 1).bit_length() -> cache list */
     PyObject *slow;       /* the Python slow path, called with the same arguments */
     PyTypeObject *lease_type;
+    MeterObject *meter;   /* the pool's: a hit counts its size and its lease here */
     Py_ssize_t hits;
 } AcquirerObject;
 
@@ -326,6 +434,7 @@ acquirer_dealloc(AcquirerObject *self)
     Py_CLEAR(self->lookup);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->lease_type);
+    Py_CLEAR(self->meter);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -335,7 +444,7 @@ acquirer_traverse(AcquirerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->lookup);
     Py_VISIT(self->slow);
     Py_VISIT(self->lease_type);
-    return 0;
+    return 0; /* the meter holds no references: it is in no cycle (see MeterType) */
 }
 
 static int
@@ -350,8 +459,9 @@ acquirer_clear(AcquirerObject *self)
 static int
 acquirer_init(AcquirerObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *lookup, *slow, *lease_type;
-    if (!PyArg_ParseTuple(args, "O!OO!", &PyList_Type, &lookup, &slow, &PyType_Type, &lease_type))
+    PyObject *lookup, *slow, *lease_type, *meter;
+    if (!PyArg_ParseTuple(args, "O!OO!O!", &PyList_Type, &lookup, &slow, &PyType_Type,
+                          &lease_type, &MeterType, &meter))
         return -1;
     if (!PyType_IsSubtype((PyTypeObject *)lease_type, &LeaseBaseType)) {
         PyErr_SetString(PyExc_TypeError, "lease_type must derive from LeaseBase");
@@ -363,7 +473,28 @@ acquirer_init(AcquirerObject *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->slow, slow);
     Py_INCREF(lease_type);
     Py_XSETREF(self->lease_type, (PyTypeObject *)lease_type);
+    Py_INCREF(meter);
+    Py_XSETREF(self->meter, (MeterObject *)meter);
     self->vectorcall = acquirer_vectorcall;
+    return 0;
+}
+
+static PyObject *
+acquirer_get_meter(AcquirerObject *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->meter ? (PyObject *)self->meter : Py_None);
+}
+
+/* A pool's new connection counts in a new Meter (Pool._new_caches). */
+static int
+acquirer_set_meter(AcquirerObject *self, PyObject *meter, void *Py_UNUSED(closure))
+{
+    if (meter == NULL || !Py_IS_TYPE(meter, &MeterType)) {
+        PyErr_SetString(PyExc_TypeError, "meter must be a Meter");
+        return -1;
+    }
+    Py_INCREF(meter);
+    Py_XSETREF(self->meter, (MeterObject *)meter);
     return 0;
 }
 
@@ -371,7 +502,8 @@ static PyObject *
 acquirer_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     AcquirerObject *self = (AcquirerObject *)callable;
-    if (kwnames == NULL && PyVectorcall_NARGS(nargsf) == 1 && self->lookup != NULL) {
+    if (kwnames == NULL && PyVectorcall_NARGS(nargsf) == 1 && self->lookup != NULL &&
+        self->meter != NULL) {
         PyObject *arg = args[0];
         if (PyLong_CheckExact(arg)) {
             Py_ssize_t size = PyLong_AsSsize_t(arg);
@@ -391,7 +523,7 @@ acquirer_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, Py
                             Py_DECREF(slot);
                             return NULL;
                         }
-                        PyObject *lease = lease_new_raw(self->lease_type, slot, size);
+                        PyObject *lease = lease_new_raw(self->lease_type, slot, size, self->meter);
                         if (lease == NULL) { /* put it back: nothing is lost */
                             PyObject *et, *ev, *tb;
                             PyErr_Fetch(&et, &ev, &tb);
@@ -400,8 +532,10 @@ acquirer_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, Py
                             PyErr_Restore(et, ev, tb);
                         }
                         Py_DECREF(slot);
-                        if (lease != NULL)
+                        if (lease != NULL) {
                             self->hits++;
+                            self->meter->sizes[index]++;
+                        }
                         return lease;
                     }
                 }
@@ -420,6 +554,12 @@ static PyMemberDef acquirer_members[] = {
     {NULL},
 };
 
+static PyGetSetDef acquirer_getset[] = {
+    {"meter", (getter)acquirer_get_meter, (setter)acquirer_set_meter,
+     "the Meter a hit counts in", NULL},
+    {NULL},
+};
+
 static PyTypeObject AcquirerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmpool._speedups.Acquirer",
@@ -432,6 +572,7 @@ static PyTypeObject AcquirerType = {
     .tp_clear = (inquiry)acquirer_clear,
     .tp_call = PyVectorcall_Call,
     .tp_members = acquirer_members,
+    .tp_getset = acquirer_getset,
     .tp_init = (initproc)acquirer_init,
     .tp_new = PyType_GenericNew,
 };
@@ -441,15 +582,15 @@ static PyTypeObject AcquirerType = {
 static PyObject *
 make_lease(PyObject *module, PyObject *args)
 {
-    PyObject *type, *slot;
+    PyObject *type, *slot, *meter;
     Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "O!On", &PyType_Type, &type, &slot, &size))
+    if (!PyArg_ParseTuple(args, "O!OnO!", &PyType_Type, &type, &slot, &size, &MeterType, &meter))
         return NULL;
     if (!PyType_IsSubtype((PyTypeObject *)type, &LeaseBaseType)) {
         PyErr_SetString(PyExc_TypeError, "type must derive from LeaseBase");
         return NULL;
     }
-    return lease_new_raw((PyTypeObject *)type, slot, size);
+    return lease_new_raw((PyTypeObject *)type, slot, size, (MeterObject *)meter);
 }
 
 static PyObject *
@@ -560,7 +701,7 @@ static PyObject *one, *zero; /* the ints 1 and 0 */
 static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
     *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_instance,
-    *s_lent, *s_borrowed, *s_reduce_slow, *s_janitor;
+    *s_lent, *s_borrowed, *s_reduce_slow, *s_janitor, *s_meter;
 /* What a pickled Lease calls when unpickled: client._attach_anywhere, set by
  * configure_pickling(). (A Python function: pickle names it faster than a
  * built-in one, and its fast path is Pool._take, in C.) */
@@ -967,7 +1108,7 @@ take_impl(PyObject *pool, PyObject *fields)
     int found = segment_of(pool, segment, idx, capacity, &tickets, &view, &offset);
     if (found <= 0)
         return found < 0 ? NULL : Py_NewRef(Py_None);
-    PyObject *lock = NULL, *ref = NULL, *home = NULL, *result = NULL;
+    PyObject *lock = NULL, *ref = NULL, *home = NULL, *meter = NULL, *result = NULL;
     int lent = 0; /* 1: we claimed it from its lender (undone if the Lease cannot be made) */
     uint64_t claimed = 0;
     if (attr_ssize(pool, s_client_id, &client_id) < 0 ||
@@ -1001,6 +1142,15 @@ take_impl(PyObject *pool, PyObject *fields)
             Py_XDECREF(handoff);
         }
     }
+    if (ok > 0) { /* the meter of this connection, as its caches are */
+        meter = get_attr(pool, s_meter);
+        if (meter == NULL)
+            ok = -1;
+        else if (!Py_IS_TYPE(meter, &MeterType)) {
+            PyErr_SetString(PyExc_TypeError, "Pool._meter must be a Meter");
+            ok = -1;
+        }
+    }
     if (ok > 0 && home == NULL) {
         PyObject *caches = get_attr(pool, s_caches);
         int bits = 8 * (int)sizeof(unsigned long long) - __builtin_clzll((unsigned long long)capacity);
@@ -1023,7 +1173,8 @@ take_impl(PyObject *pool, PyObject *fields)
     Py_DECREF(whole);
     if (slot == NULL)
         goto done;
-    result = lease_new_raw(LeaseType, slot, length < capacity ? length : capacity);
+    result = lease_new_raw(LeaseType, slot, length < capacity ? length : capacity,
+                           (MeterObject *)meter);
     Py_DECREF(slot);
 done:
     if (result == NULL && lent > 0) { /* no Lease: the slot stays lent, for its handle */
@@ -1036,6 +1187,7 @@ done:
     Py_XDECREF(lock);
     Py_XDECREF(ref);
     Py_XDECREF(home);
+    Py_XDECREF(meter);
     Py_DECREF(tickets);
     Py_DECREF(view);
     return result;
@@ -1631,7 +1783,7 @@ configure_members(PyObject *module, PyObject *args)
         return NULL;
     PyObject *pool_names[] = {s_closed, s_broken, s_sock, s_pid, s_notices, s_claims,
                               s_segments, s_tickets_on, s_client_id, s_min_shift, s_lock,
-                              s_borrowed, s_caches, s_instance, s_lent, s_janitor};
+                              s_borrowed, s_caches, s_instance, s_lent, s_janitor, s_meter};
     PyObject *segment_names[] = {s_slot_size, s_header, s_tickets, s_view};
     if (fill_members(&pool_members, (PyTypeObject *)pool_type, pool_names,
                      (int)(sizeof pool_names / sizeof *pool_names)) < 0 ||
@@ -1687,7 +1839,7 @@ call_soon(PyObject *module, PyObject *func)
 }
 
 static PyMethodDef module_methods[] = {
-    {"make_lease", make_lease, METH_VARARGS, "make_lease(type, slot, size) -> Lease"},
+    {"make_lease", make_lease, METH_VARARGS, "make_lease(type, slot, size, meter) -> Lease"},
     {"call_soon", call_soon, METH_O,
      "call_soon(func) -> bool: func() runs in the main thread once the current call returns"},
     {"cas64", cas64, METH_VARARGS, "cas64(buffer, offset, expected, new) -> bool (atomic)"},
@@ -1719,7 +1871,8 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&LeaseBaseType) < 0 || PyType_Ready(&AcquirerType) < 0)
+    if (PyType_Ready(&LeaseBaseType) < 0 || PyType_Ready(&AcquirerType) < 0 ||
+        PyType_Ready(&MeterType) < 0)
         return NULL;
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(s_release, "release");
@@ -1752,6 +1905,7 @@ PyInit__speedups(void)
     INTERN(s_borrowed, "_borrowed");
     INTERN(s_reduce_slow, "_reduce_slow");
     INTERN(s_janitor, "_janitor");
+    INTERN(s_meter, "_meter");
 
     if ((one = PyLong_FromLong(1)) == NULL || (zero = PyLong_FromLong(0)) == NULL)
         return NULL;
@@ -1775,8 +1929,10 @@ PyInit__speedups(void)
         return NULL;
     Py_INCREF(&LeaseBaseType);
     Py_INCREF(&AcquirerType);
+    Py_INCREF(&MeterType);
     if (PyModule_AddObject(m, "LeaseBase", (PyObject *)&LeaseBaseType) < 0 ||
-        PyModule_AddObject(m, "Acquirer", (PyObject *)&AcquirerType) < 0) {
+        PyModule_AddObject(m, "Acquirer", (PyObject *)&AcquirerType) < 0 ||
+        PyModule_AddObject(m, "Meter", (PyObject *)&MeterType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

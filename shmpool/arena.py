@@ -21,9 +21,26 @@ segment (``_claimer``), a generation only as far ahead as lending reaches
 (``LEND_AHEAD``, ``MAX_GENERATION``), and any other value is garbage with
 one safe outcome per function (each says which).
 
+Memory moves. The budget counts memory *committed* (pages backed in
+``/dev/shm``), not segments made: a class segment is made with no slot
+committed, a slot is committed as it is granted (``_commit_unit``), and a free
+slot keeps its pages while it is likely to be reused. When a grant finds the
+budget spent, the pages of other classes' free slots are decommitted first,
+oldest first (``_reclaim``), so a spent budget serves whichever class needs it;
+and ``release_idle`` decommits free slots nobody took for ``idle_release``
+seconds. Pages are committed and freed in *units*: one slot, or for slots
+smaller than a page, the page holding several (freed only when all of them
+are free). Only a free slot (holder 0: in its class's free list) ever loses
+its pages; a leased, cached, lent, in-transit, shared or orphaned one never does.
+
+Each class's free list is a stack: slots go back on top and are granted from
+the top, so its bottom holds the slots free the longest. ``low`` (the least
+height since the last idle pass) says how much of the bottom nobody took.
+
 Oversize requests (above ``max_size``) get a segment of their own holding one
-slot; it is destroyed when released, so its memory goes back to the budget at
-once. Class segments are kept for reuse once made.
+slot, committed whole; it is destroyed when released, so its memory goes back
+to the budget at once. Class segments are kept once made (their address space
+only: a free slot's pages go back).
 """
 
 from __future__ import annotations
@@ -53,7 +70,7 @@ from .protocol import (
     ticket_word,
     token_maker,
 )
-from .sizeclass import Classes, format_size
+from .sizeclass import MAX_SHIFT, Classes, format_size
 
 __all__ = ["DEFAULT_SEGMENT_BYTES", "Arena", "Backing", "Grant"]
 
@@ -114,6 +131,8 @@ class Segment:
     holders: list[int] = field(default_factory=list)  # conn id per slot, 0 = free
     generations: list[int] = field(default_factory=list)
     header: int = 0  # bytes of ticket words before the first slot
+    unit_shift: int = 0  # a unit of committed memory holds 2**unit_shift slots
+    units: bytearray = field(default_factory=bytearray)  # per unit: 1 if committed
 
     @property
     def nslots(self) -> int:
@@ -127,11 +146,15 @@ class Segment:
 class _Class:
     slot_size: int
     per_segment: int
-    free: list[tuple[Segment, int]] = field(default_factory=list)
+    free: list[tuple[Segment, int]] = field(default_factory=list)  # a stack: top is hot
     segments: list[Segment] = field(default_factory=list)
     total: int = 0
     leased: int = 0
     in_transit: int = 0
+    committed: int = 0  # bytes of this class's slots backed by memory
+    low: int = 0  # the free list's least height since the last idle pass
+    prev_low: int = 0  # ... and in the interval before it
+    bare: int = 0  # free[:bare] was looked at by a decommit pass and nothing taken since
 
 
 @dataclass(eq=False)
@@ -151,6 +174,8 @@ class _Conn:
     messages: int = 0
     manager_acquires: int = 0
     cache_hits: int = 0
+    # bytes of its open leases, by (length - 1).bit_length() (its last Usage)
+    requested: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -196,8 +221,12 @@ class Arena:
         self._segments: dict[int, Segment] = {}
         self._conns: dict[int, _Conn] = {}
         self._ids = itertools.count(1)
-        self.mapped = 0
+        self.mapped = 0  # slot bytes of every segment (address space, not memory)
+        self.committed = 0  # slot bytes backed by memory: what the budget counts
+        self.peak_committed = 0
         self.ticket_bytes = 0
+        # acquires by (size - 1).bit_length(), as clients report them (Usage)
+        self.request_sizes = [0] * (MAX_SHIFT + 1)
         self.oversize_leases = 0
         self.oversize_bytes = 0
         # (segment id, index) -> (token, deadline) for slots handed between clients
@@ -864,6 +893,11 @@ class Arena:
         pending = sum(1 for sh in self._shares.values() if sh.pending)
         return len(self._transit) + len(self._orphans) + pending
 
+    def messages_of(self, conn: int) -> int:
+        """How many messages ``conn`` sent (-1 before its Hello)."""
+        c = self._conns.get(conn)
+        return -1 if c is None else c.messages
+
     def note_message(self, conn: int, cache_hits: int | None = None) -> None:
         c = self._conns[conn]
         c.messages += 1
@@ -955,9 +989,7 @@ class Arena:
             raise ValueError(f"count must be 1..{MAX_BATCH}")
         index = self.classes.index_of(size)
         if index is None:
-            seg = self._new_segment(-(-size // PAGE) * PAGE, 1, None)
-            self.oversize_leases += 1
-            self.oversize_bytes += seg.size - seg.header
+            seg = self._new_oversize(-(-size // PAGE) * PAGE)
             picked = [(seg, 0)]
             slot_size = seg.slot_size
         else:
@@ -1074,57 +1106,295 @@ class Arena:
         # added, and the class grows (to fill the batch) only when it has none
         # left. Growing to fill every batch would let a class swell up to the
         # whole budget in a producer/consumer pattern, where slots come back a
-        # few at a time.
-        try:
-            if not cls.free:
-                while len(cls.free) < count and self._grow(cls):
+        # few at a time. Growing adds address space only; each slot is
+        # committed (within the budget, taking other classes' free pages if
+        # need be) as it is picked.
+        free = cls.free
+        grown = len(cls.segments)
+        if not free and self._room(
+            min(cls.per_segment, PAGE // cls.slot_size or 1) * cls.slot_size, cls
+        ):
+            try:
+                while len(free) < count and self._grow(cls):
                     pass
-        except PoolExhaustedError:
-            if not cls.free:  # e.g. /dev/shm is full; serve what we have, if anything
-                raise
-        if not cls.free:
-            raise PoolExhaustedError(
-                f"no free {format_size(cls.slot_size)} slot and the memory budget "
-                f"({format_size(self.memory)}, {format_size(self.mapped)} mapped) allows no "
-                "new segment; release leases or start the manager with more memory"
-            )
+            except PoolExhaustedError:
+                if not free:  # e.g. /dev/shm is full; serve what we have, if anything
+                    raise
         picked: list[tuple[Segment, int]] = []
         new_segments: set[int] = set()
-        while cls.free and len(picked) < count:
-            seg, index = cls.free[-1]
-            if seg.id not in c.known and seg.id not in new_segments:
-                if len(new_segments) == MAX_FDS:
+        try:
+            while free and len(picked) < count:
+                seg, index = free[-1]
+                if seg.id not in c.known and seg.id not in new_segments:
+                    if len(new_segments) == MAX_FDS:
+                        break
+                    new_segments.add(seg.id)
+                unit = index >> seg.unit_shift
+                if not (seg.units[unit] or self._commit_unit(seg, unit)):
+                    if self._committed_to_top(cls):
+                        continue  # a committed one is on top now: take that
                     break
-                new_segments.add(seg.id)
-            cls.free.pop()
-            picked.append((seg, index))
+                free.pop()
+                picked.append((seg, index))
+        except PoolExhaustedError:  # /dev/shm is full: serve what we have, if anything
+            if not picked:
+                self._ungrow(cls, cls.segments[grown:])
+                raise
+        height = len(free)
+        if height < cls.low:
+            cls.low = height
+        if height < cls.bare:
+            cls.bare = height
+        if not picked:
+            self._ungrow(cls, cls.segments[grown:])
+            raise PoolExhaustedError(
+                f"no free {format_size(cls.slot_size)} slot and the memory budget "
+                f"({format_size(self.memory)}, {format_size(self.committed)} committed) has "
+                "no room, even after taking back the pages of every free slot; release "
+                "leases or start the manager with more memory"
+            )
         return picked
+
+    def _committed_to_top(self, cls: _Class) -> bool:
+        """Bring a free slot whose pages are committed to the top of ``cls.free``.
+
+        The budget has no room to commit the top one. Only slots smaller
+        than a page leave committed slots under uncommitted ones (a page
+        goes when all its slots are free, wherever they are in the list).
+        False if there is none.
+        """
+        free = cls.free
+        for i in range(len(free) - 2, -1, -1):
+            seg, index = free[i]
+            if seg.units[index >> seg.unit_shift]:
+                free[i], free[-1] = free[-1], free[i]
+                cls.low = min(cls.low, i)
+                cls.bare = min(cls.bare, i)
+                return True
+        return False
+
+    def _ungrow(self, cls: _Class, segments: list[Segment]) -> None:
+        """Undo the growth of a grant that failed: its new segments, all free, go."""
+        if not segments:
+            return
+        gone = {seg.id for seg in segments}
+        cls.free[:] = [entry for entry in cls.free if entry[0].id not in gone]
+        del cls.segments[-len(segments) :]
+        for seg in segments:
+            cls.total -= seg.nslots
+            self._destroy(seg)
+        cls.low = min(cls.low, len(cls.free))
+        cls.bare = min(cls.bare, len(cls.free))
+
+    # ------------------------------------------------------ committed memory
+
+    def _unit_span(self, seg: Segment, unit: int) -> tuple[int, int]:
+        """Offset and length of unit ``unit`` of ``seg`` (the last may be short)."""
+        first = unit << seg.unit_shift
+        last = min(seg.nslots, first + (1 << seg.unit_shift))
+        return seg.header + first * seg.slot_size, (last - first) * seg.slot_size
+
+    def _room(self, nbytes: int, keep: _Class | None) -> bool:
+        """Make room in the budget for ``nbytes`` more committed; False if there is none.
+
+        Takes the pages of free slots of classes other than ``keep``.
+        """
+        short = self.committed + nbytes - self.memory
+        return short <= 0 or self._reclaim(short, keep)
+
+    def _commit_unit(self, seg: Segment, unit: int) -> bool:
+        """Back unit ``unit`` of ``seg`` with memory; False if the budget has no room.
+
+        Raises:
+            PoolExhaustedError: ``/dev/shm`` is full.
+        """
+        offset, length = self._unit_span(seg, unit)
+        if not self._room(length, seg.cls):
+            return False
+        self._back(seg, offset, length)
+        seg.units[unit] = 1
+        self._count_committed(seg.cls, length)
+        return True
+
+    def _back(self, seg: Segment, offset: int, length: int) -> None:
+        """Commit ``length`` bytes of ``seg`` from ``offset`` in its backing.
+
+        A full ``/dev/shm`` first gives up the pages of free slots (they make
+        room there as in the budget), then the commit is tried once more.
+
+        Raises:
+            PoolExhaustedError: ``/dev/shm`` is full all the same.
+        """
+        commit = getattr(seg.backing, "commit", None)
+        if commit is None:
+            return
+        try:
+            commit(offset, length)
+        except PoolExhaustedError:
+            if not self._reclaim(length, None):
+                raise
+            commit(offset, length)
+
+    def _count_committed(self, cls: _Class | None, nbytes: int) -> None:
+        self.committed += nbytes
+        if cls is not None:
+            cls.committed += nbytes
+        if self.committed > self.peak_committed:
+            self.peak_committed = self.committed
+
+    def _decommit_unit(self, seg: Segment, unit: int) -> int:
+        """Free the pages of a unit whose slots are all free; returns its bytes."""
+        offset, length = self._unit_span(seg, unit)
+        decommit = getattr(seg.backing, "decommit", None)
+        if decommit is not None:
+            decommit(offset, length)  # first: if it fails, the books still say committed
+        seg.units[unit] = 0
+        self.committed -= length
+        seg.cls.committed -= length  # type: ignore[union-attr]
+        return length
+
+    def _decommit_free(self, cls: _Class, want: int, start: int, stop: int) -> tuple[int, int]:
+        """Decommit free slots ``cls.free[start:stop]``, bottom up, until ``want`` bytes went.
+
+        A unit of several slots goes only when all of them are free. Returns
+        the bytes freed and the position reached.
+        """
+        freed = 0
+        free = cls.free
+        i = start
+        while i < stop and freed < want:
+            seg, index = free[i]
+            i += 1
+            unit = index >> seg.unit_shift
+            if not seg.units[unit]:
+                continue
+            if seg.unit_shift:
+                first = unit << seg.unit_shift
+                if any(seg.holders[first : first + (1 << seg.unit_shift)]):
+                    continue  # another slot of the page is out
+            freed += self._decommit_unit(seg, unit)
+        return freed, i
+
+    def _reclaim(self, need: int, keep: _Class | None) -> bool:
+        """Decommit free slots of classes but ``keep``, oldest first, until ``need`` bytes went.
+
+        Classes with the most idle committed bytes give first. True if
+        enough went. Nothing goes unless the free slots' committed bytes add
+        up to ``need`` (exactly what can go, but for slots smaller than a
+        page, which go a page at a time).
+        """
+        idle = [
+            (cls.committed - (cls.total - len(cls.free)) * cls.slot_size, i)
+            for i, cls in enumerate(self._classes)
+            if cls is not keep and cls.committed
+        ]
+        if sum(n for n, _ in idle) < need:
+            return False
+        freed = 0
+        for _, i in sorted(idle, reverse=True):
+            cls = self._classes[i]
+            got, cls.bare = self._decommit_free(cls, need - freed, cls.bare, len(cls.free))
+            freed += got
+            if freed >= need:
+                return True
+        return False
+
+    def release_idle(self) -> int:
+        """Decommit free slots nobody took since the pass before last; returns the bytes freed.
+
+        Called every ``idle_release / 2`` seconds: a slot at the bottom of its
+        free list, below the least height of the last two intervals, sat
+        free and untouched for at least ``idle_release`` seconds (and at most
+        1.5 times that by the time it goes).
+        """
+        freed = 0
+        for cls in self._classes:
+            cold = min(cls.low, cls.prev_low, len(cls.free))
+            if cls.committed and cls.slot_size >= PAGE:
+                start = min(cls.bare, cold)
+                got, reached = self._decommit_free(cls, cls.committed, start, cold)
+                freed += got
+                cls.bare = max(cls.bare, reached)
+            elif cls.committed:
+                freed += self._decommit_cold_pages(cls, cold)
+            cls.prev_low, cls.low = cls.low, len(cls.free)
+        return freed
+
+    def _decommit_cold_pages(self, cls: _Class, cold: int) -> int:
+        """``release_idle`` for slots under a page: a page goes once all its slots are cold."""
+        seen: dict[tuple[Segment, int], int] = {}
+        for seg, index in cls.free[:cold]:
+            unit = index >> seg.unit_shift
+            if seg.units[unit]:
+                seen[seg, unit] = seen.get((seg, unit), 0) + 1
+        freed = 0
+        for (seg, unit), n in seen.items():
+            if n == self._unit_span(seg, unit)[1] // seg.slot_size:
+                freed += self._decommit_unit(seg, unit)
+        return freed
+
+    def note_usage(
+        self, conn: int, requested: Iterable[tuple[int, int]], sizes: Iterable[tuple[int, int]]
+    ) -> None:
+        """A client's report (``Usage``): its open lease bytes now, its acquires since the last."""
+        c = self._conns[conn]
+        c.requested = {k: n for k, n in requested if n}
+        counts = self.request_sizes
+        for k, n in sizes:
+            counts[k] += n
 
     def _header(self, nslots: int) -> int:
         """Bytes of ticket words (8 a slot, whole pages) a segment starts with."""
         return -(-8 * nslots // PAGE) * PAGE if self._tickets is not None else 0
 
     def _grow(self, cls: _Class) -> bool:
-        nslots = min(cls.per_segment, (self.memory - self.mapped) // cls.slot_size)
+        """Add a segment to ``cls``, none of it committed; False if the class fills the budget."""
+        nslots = min(cls.per_segment, (self.memory - cls.total * cls.slot_size) // cls.slot_size)
         if nslots <= 0:
             return False
         self._new_segment(cls.slot_size, nslots, cls)
         return True
 
+    def _new_oversize(self, size: int) -> Segment:
+        """A segment of one ``size``-byte slot, committed whole."""
+        if not self._room(size, None):
+            raise PoolExhaustedError(
+                f"a {format_size(size)} buffer does not fit the memory budget "
+                f"({format_size(self.memory)}, {format_size(self.committed)} committed), "
+                "even after taking back the pages of every free slot"
+            )
+        seg = self._new_segment(size, 1, None)  # may raise PoolExhaustedError (/dev/shm full)
+        try:
+            self._back(seg, seg.header, size)
+        except BaseException:
+            self._destroy(seg)
+            raise
+        seg.units[0] = 1
+        self._count_committed(None, size)
+        self.oversize_leases += 1
+        self.oversize_bytes += size
+        return seg
+
     def _new_segment(self, slot_size: int, nslots: int, cls: _Class | None) -> Segment:
         header = self._header(nslots)
         size = header + slot_size * nslots
-        # The budget counts slot bytes; ticket words (8 bytes a slot, whole
-        # pages) come on top and are reported as ticket_bytes.
-        if self.mapped + size - header > self.memory:
-            raise PoolExhaustedError(
-                f"a {format_size(size)} buffer does not fit the memory budget "
-                f"({format_size(self.memory)}, {format_size(self.mapped)} mapped)"
-            )
+        # The budget counts committed slot bytes; ticket words (8 bytes a
+        # slot, whole pages, always committed) come on top: ticket_bytes.
         # may raise PoolExhaustedError (e.g. /dev/shm full)
         backing = self._allocate(size, header) if header else self._allocate(size)
+        per_unit = min(max(1, PAGE // slot_size), nslots)
+        shift = (per_unit - 1).bit_length()
         seg = Segment(
-            next(self._ids), size, slot_size, backing, cls, [0] * nslots, [0] * nslots, header
+            next(self._ids),
+            size,
+            slot_size,
+            backing,
+            cls,
+            [0] * nslots,
+            [0] * nslots,
+            header,
+            shift,
+            bytearray(-(-nslots >> shift)),
         )
         self._segments[seg.id] = seg
         self.mapped += size - header
@@ -1175,7 +1445,8 @@ class Arena:
         del self._segments[seg.id]
         self.mapped -= seg.size - seg.header
         self.ticket_bytes -= seg.header
-        if seg.cls is None:
+        if seg.cls is None and seg.units and seg.units[0]:  # an oversize segment in use
+            self.committed -= seg.size - seg.header
             self.oversize_leases -= 1
             self.oversize_bytes -= seg.size - seg.header
         seg.backing.close()
@@ -1223,37 +1494,73 @@ class Arena:
                         shift[c.id] = shift.get(c.id, 0) + 1
         return lent, shift
 
+    def _requested(self) -> tuple[list[int], int]:
+        """Bytes of open leases clients reported, per class and oversize."""
+        per_class = [0] * len(self._classes)
+        oversize = 0
+        lo, hi = self.classes.min_shift, self.classes.max_shift
+        for c in self._conns.values():
+            for k, n in c.requested.items():
+                if k > hi:
+                    oversize += n
+                else:
+                    per_class[max(0, k - lo)] += n
+        return per_class, oversize
+
     def stats(self) -> dict[str, Any]:
-        """A JSON-able snapshot; per class ``total == free + leased + in_transit``."""
+        """A JSON-able snapshot; per class ``total == free + leased + in_transit``.
+
+        Memory, per class and in all: ``committed_bytes`` (backed by memory:
+        what the budget counts), ``leased_bytes`` (capacity of the slots out
+        with clients: leased or cached, in transit, shared) and
+        ``requested_bytes`` (the lengths of the leases clients have open, as
+        they last reported). ``request_sizes``: ``[2**k, count]`` of the
+        acquires of ``2**(k-1) < n <= 2**k`` bytes clients reported.
+        """
         if self._orphans:
             self._settle_orphans(None)  # claimed or returned since (no clock here: no expiry)
         lent, shift = self._lent_census()
+        requested, oversize_requested = self._requested()
+        classes = [
+            {
+                "size": cls.slot_size,
+                "segments": len(cls.segments),
+                "total": cls.total,
+                "free": len(cls.free),
+                "leased": cls.leased - out,
+                "in_transit": cls.in_transit + out,
+                "committed_bytes": cls.committed,
+                "leased_bytes": (cls.total - len(cls.free)) * cls.slot_size,
+                "requested_bytes": asked,
+            }
+            for cls, out, asked in zip(self._classes, lent, requested, strict=True)
+        ]
         return {
-            "classes": [
-                {
-                    "size": cls.slot_size,
-                    "segments": len(cls.segments),
-                    "total": cls.total,
-                    "free": len(cls.free),
-                    "leased": cls.leased - out,
-                    "in_transit": cls.in_transit + out,
-                }
-                for cls, out in zip(self._classes, lent, strict=True)
-            ],
-            "oversize": {"leases": self.oversize_leases, "bytes": self.oversize_bytes},
+            "classes": classes,
+            "oversize": {
+                "leases": self.oversize_leases,
+                "bytes": self.oversize_bytes,
+                "requested_bytes": oversize_requested,
+            },
             "in_transit": len(self._transit) + len(self._orphans) + sum(lent),
             "shared": len(self._shares),
+            "committed_bytes": self.committed,
+            "peak_committed_bytes": self.peak_committed,
+            "leased_bytes": sum(c["leased_bytes"] for c in classes) + self.oversize_bytes,
+            "requested_bytes": sum(requested) + oversize_requested,
             "mapped_bytes": self.mapped,
             "ticket_bytes": self.ticket_bytes,
             "memory_limit": self.memory,
             "min_size": self.classes.min_size,
             "max_size": self.classes.max_size,
+            "request_sizes": [[1 << k, n] for k, n in enumerate(self.request_sizes) if n],
             "clients": [
                 {
                     "id": c.id,
                     "pid": c.pid,
                     "name": c.name,
                     "leased": len(c.held) + shift.get(c.id, 0),
+                    "requested_bytes": sum(c.requested.values()),
                     "messages": c.messages,
                     "manager_acquires": c.manager_acquires,
                     "cache_hits": c.cache_hits,

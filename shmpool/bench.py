@@ -9,6 +9,8 @@ timer; the per-operation time is the loop time divided by its iterations.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import mmap
 import multiprocessing as mp
 import os
@@ -21,16 +23,19 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 from multiprocessing.managers import SharedMemoryManager
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import posix_ipc
 
 from . import protocol as p
+from .buffer import Lease
 from .client import Pool
 from .embedded import start
+from .errors import PoolExhaustedError
 from .sizeclass import format_size
 
 __all__ = ["run"]
@@ -164,7 +169,11 @@ def _case_smm(n: int) -> Loop:
     return loop
 
 
-def _echo_server(sock: socket.socket) -> None:
+def _echo_server(sock: socket.socket, theirs: socket.socket) -> None:
+    # The forked child inherits the client's end too: holding it, it would
+    # never see end-of-file, so the bench waited out its join, and a bench
+    # killed mid-run left this process behind for good.
+    theirs.close()
     while True:
         data = sock.recv(65536)
         if not data:
@@ -389,6 +398,365 @@ class _Handoff:
         self.conn.close()
 
 
+# ------------------------------------------------------- memory that moves
+#
+# The manager's budget counts committed pages, and they move to whichever
+# class needs them: free slots of other classes give theirs first, then the
+# clients are asked for the slots they cache. ``memory.shift`` runs phases of different size
+# mixes under one budget and counts what was served and what was committed
+# for it; ``memory.recommit`` prices the pages coming back; ``memory.idle``
+# checks that an idle manager gives a burst's pages back to the system.
+
+SHIFT_BUDGET = 64 << 20
+SHIFT_MIN_SIZE = 4 << 10
+SHIFT_MAX_SIZE = 8 << 20
+SHIFT_WORKERS = 2
+#: Each worker takes leases until their slots hold this share of the budget:
+#: the workers hold ~70% of it together at each phase's peak.
+SHIFT_SHARE = 0.35
+#: The phases before the mixed one: name, the least and the largest request.
+SHIFT_PHASES = (
+    ("small", 4 << 10, 64 << 10),
+    ("large", 512 << 10, 8 << 20),
+    ("oversize", 10 << 20, 20 << 20),
+)
+#: The mixed phase draws every size from this range, log-uniformly (oversize too).
+SHIFT_MIXED = (4 << 10, 20 << 20)
+#: Target: committed at most this many times requested (and every acquire served).
+SHIFT_RATIO = 2.0
+#: No mixed round starts after the case ran this long (a failed acquire waits 2 s);
+#: ``--quick``: 2 rounds, 3 s.
+SHIFT_ROUNDS, SHIFT_SECONDS = 6, 10.0
+RECOMMIT_SIZES = (64 << 10, 1 << 20)
+#: The recommit case's budget: one oversize buffer this large pushes every free page out.
+RECOMMIT_BUDGET = 256 << 20
+#: The idle check's manager setting (seconds; half with ``--quick``), and its burst:
+#: (request size, count).
+IDLE_RELEASE = 1.0
+IDLE_BURST = ((1 << 20, 16), (64 << 10, 64), (4 << 20, 4))
+#: Target: committed falls to this share of the burst's peak ...
+IDLE_LEFT = 0.05
+#: ... within this many times ``idle_release``.
+IDLE_WITHIN = 1.5
+
+
+class Answer(NamedTuple):
+    """A ``memory.shift`` worker's answer to one command."""
+
+    acquired: int
+    failed: int
+    skipped: int  # requests not made after a failure
+    held_bytes: int  # capacity of the slots behind its open leases
+    own_bytes: int  # bytes of its open leases by its own count (``usage()``)
+    seconds: float
+
+
+def _capacity(n: int) -> int:
+    """Bytes of the slot serving an ``n``-byte request in the shift case's manager."""
+    if n > SHIFT_MAX_SIZE:
+        return n  # oversize: a segment of its own, committed as asked
+    return max(SHIFT_MIN_SIZE, 1 << (n - 1).bit_length())
+
+
+def _draw(rng: random.Random, lo: int, hi: int, room: int, log: bool = False) -> list[int]:
+    """Request sizes in ``[lo, hi]`` whose slots fill ``room`` bytes; a draw that overflows
+    is skipped, and twenty in a row end the list."""
+    sizes: list[int] = []
+    misses = 0
+    span = (math.log(lo), math.log(hi))
+    while misses < 20 and room >= _capacity(lo):
+        n = int(math.exp(rng.uniform(*span))) if log else rng.randint(lo, hi)
+        if _capacity(n) > room:
+            misses += 1
+            continue
+        misses = 0
+        sizes.append(n)
+        room -= _capacity(n)
+    return sizes
+
+
+def _shift_worker(address: str, conn: Any) -> None:
+    """Takes and drops leases as the parent says, and answers with an ``Answer``.
+
+    ``("take", sizes)`` acquires them (with the manager's default wait) and
+    flushes this process's usage to the manager; after a failed acquire it
+    skips the rest, so that each take waits out at most one wait.
+    ``("drop", half)`` releases every lease held, or every other one. The
+    releases go to the cache: only the manager's recalls move them on.
+    """
+    held: list[Lease] = []
+    with Pool(address, name="bench-shift", idle_timeout=None) as pool:
+        while (cmd := conn.recv()) is not None:
+            what, arg = cmd
+            started = time.perf_counter()
+            acquired = failed = 0
+            if what == "take":
+                for n in arg:
+                    try:
+                        lease = pool.acquire(n)
+                    except PoolExhaustedError:
+                        failed += 1
+                        break
+                    lease.view[0] = lease.view[-1] = 1
+                    held.append(lease)
+                    acquired += 1
+                pool.stats()  # sends our Usage first: the parent reads exact figures
+            else:
+                going, held = (held[0::2], held[1::2]) if arg else (held, [])
+                for lease in going:
+                    lease.release()
+            held_bytes = sum(_capacity(len(lease.view)) for lease in held)
+            own = pool.usage()["requested_bytes"]
+            skipped = len(arg) - acquired - failed if what == "take" else 0
+            elapsed = time.perf_counter() - started
+            conn.send(Answer(acquired, failed, skipped, held_bytes, own, elapsed))
+
+
+class _ShiftWorkers:
+    """The processes of ``memory.shift``, one pipe each."""
+
+    def __init__(self, address: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        for _ in range(SHIFT_WORKERS):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_shift_worker, args=(address, theirs), daemon=True)
+            proc.start()
+            theirs.close()
+            self.conns.append(ours)
+            self.procs.append(proc)
+
+    def ask(self, cmds: list[tuple[str, Any]]) -> list[Answer]:
+        """Give every worker its command at once; their answers, in order."""
+        for conn, cmd in zip(self.conns, cmds, strict=True):
+            conn.send(cmd)
+        answers = []
+        for conn in self.conns:
+            try:
+                if not conn.poll(120):
+                    raise RuntimeError("a memory.shift worker stopped answering")
+                answers.append(conn.recv())
+            except (EOFError, OSError) as exc:
+                raise RuntimeError("a memory.shift worker died") from exc
+        return answers
+
+    def drop(self, half: bool = False) -> list[Answer]:
+        return self.ask([("drop", half)] * len(self.conns))
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+
+def _peak(name: str, answers: list[Answer], stats: dict[str, Any]) -> dict[str, Any]:
+    """One phase's figures, read at its peak (every worker holds its leases)."""
+    requested = stats["requested_bytes"]
+    return {
+        "phase": name,
+        "acquired": sum(a.acquired for a in answers),
+        "failed": sum(a.failed for a in answers),
+        "skipped": sum(a.skipped for a in answers),
+        "held_bytes": sum(a.held_bytes for a in answers),
+        "requested_bytes": requested,
+        "workers_requested_bytes": sum(a.own_bytes for a in answers),
+        "leased_bytes": stats["leased_bytes"],
+        "committed_bytes": stats["committed_bytes"],
+        "committed/requested": stats["committed_bytes"] / requested if requested else 0.0,
+        "seconds": max(a.seconds for a in answers),
+    }
+
+
+def _shift(rounds: int = SHIFT_ROUNDS, seconds: float = SHIFT_SECONDS) -> dict[str, Any]:
+    """``memory.shift``: size mixes that follow one another under one budget."""
+    rng = random.Random(11)
+    share = int(SHIFT_SHARE * SHIFT_BUDGET)
+    phases: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with start(
+        min_size=SHIFT_MIN_SIZE, max_size=SHIFT_MAX_SIZE, memory=SHIFT_BUDGET, idle_release=0
+    ) as manager:
+        reader = Pool(manager.address, name="bench-shift-reader", idle_timeout=None)
+        workers = _ShiftWorkers(manager.address)
+        try:
+            for name, lo, hi in SHIFT_PHASES:
+                answers = workers.ask([("take", _draw(rng, lo, hi, share)) for _ in workers.conns])
+                phases.append(_peak(name, answers, reader.stats()))
+                workers.drop()
+            lo, hi = SHIFT_MIXED
+            for i in range(rounds):
+                if i and time.perf_counter() - started > seconds:
+                    break
+                # A round takes a mix, lets every other lease go, and takes again.
+                first = workers.ask(
+                    [("take", _draw(rng, lo, hi, share, True)) for _ in workers.conns]
+                )
+                halves = workers.drop(half=True)
+                more = workers.ask(
+                    [("take", _draw(rng, lo, hi, share - h.held_bytes, True)) for h in halves]
+                )
+                answers = [
+                    Answer(
+                        a.acquired + b.acquired, a.failed + b.failed, a.skipped + b.skipped,
+                        b.held_bytes, b.own_bytes, a.seconds + b.seconds,
+                    )
+                    for a, b in zip(first, more, strict=True)
+                ]  # fmt: skip
+                phases.append(_peak(f"mixed.{i + 1}", answers, reader.stats()))
+                workers.drop()
+            peak = reader.stats()["peak_committed_bytes"]
+        finally:
+            workers.close()
+            reader.close()
+    return {
+        "budget": SHIFT_BUDGET,
+        "max_size": SHIFT_MAX_SIZE,
+        "workers": SHIFT_WORKERS,
+        "rounds": sum(ph["phase"].startswith("mixed") for ph in phases),
+        "phases": phases,
+        "acquired": sum(ph["acquired"] for ph in phases),
+        "failed": sum(ph["failed"] for ph in phases),
+        "skipped": sum(ph["skipped"] for ph in phases),
+        "mixed_peak_ratio": max(
+            ph["committed/requested"] for ph in phases if ph["phase"].startswith("mixed")
+        ),
+        "peak_committed_bytes": peak,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _take_touch(pool: Pool, n: int, count: int) -> float:
+    """Ns per slot to acquire ``count`` slots through the manager and write every page;
+    then they go back to the manager (released, and the cache trimmed)."""
+    acquire = pool.acquire
+    t = _perf()
+    leases = [acquire(n) for _ in range(count)]
+    for lease in leases:
+        _touch(lease.view, n)
+    elapsed = _perf() - t
+    for lease in leases:
+        lease.release()
+    pool.trim()
+    return elapsed / count
+
+
+def _recommit(trials: int) -> tuple[dict[tuple[str, int], list[float]], dict[str, Any]]:
+    """``memory.recommit`` against ``memory.committed``: the first acquire of free slots
+    whose pages went back, and of free slots that kept theirs.
+
+    Each pass takes one batch of the class (as ``acquire_release_cold``: one
+    ``Acquire`` round trip) and writes every page. One oversize buffer as
+    large as the budget takes every free slot's pages (the manager gives
+    them up to make room) and gives them back to the system on release;
+    nothing else moves them (``idle_release`` 0). A committed pass follows
+    two untimed ones: a hot class also prefetches a batch, which the manager
+    commits but nobody writes, and a slot committed but never written still
+    pays for its first touch (the kernel zeroes the page then). Returns the
+    samples, and the batch sizes with the most bytes left committed after a
+    push (0).
+    """
+    samples: dict[tuple[str, int], list[float]] = {}
+    left = 0
+    with (
+        start(min_size="4KiB", max_size="8MiB", memory=RECOMMIT_BUDGET, idle_release=0) as manager,
+        Pool(manager.address, name="bench-recommit", idle_timeout=None) as pool,
+    ):
+        low = pool.min_size.bit_length() - 1
+        batch = {n: pool._max_batch[(n - 1).bit_length() - low] for n in RECOMMIT_SIZES}
+        for n in RECOMMIT_SIZES:  # segments made and mapped, batches grown
+            for _ in range(3):
+                _take_touch(pool, n, batch[n])
+        for _ in range(trials):
+            for n in RECOMMIT_SIZES:
+                _take_touch(pool, n, batch[n])
+                _take_touch(pool, n, batch[n])
+                ns = _take_touch(pool, n, batch[n])
+                samples.setdefault(("memory.committed", n), []).append(ns)
+            pool.acquire(RECOMMIT_BUDGET).release()
+            left = max(left, pool.stats()["committed_bytes"])
+            for n in RECOMMIT_SIZES:
+                ns = _take_touch(pool, n, batch[n])
+                samples.setdefault(("memory.recommit", n), []).append(ns)
+    slots = [[n, batch[n]] for n in RECOMMIT_SIZES]
+    return samples, {"slots_per_pass": slots, "left_committed_bytes": left}
+
+
+def _idle(idle_release: float = IDLE_RELEASE) -> dict[str, Any]:
+    """``memory.idle``: a burst, then no load; how soon its pages go back to the system.
+
+    Two managers side by side: in one the burst's process hands its cache
+    back at once (``trim()``: every slot free in the manager), in the other it
+    keeps it (``idle_timeout=None``), so the manager must recall it from the
+    idle process first. Each is read from a connection of its own.
+    """
+    deadline = 4 * idle_release
+    with (
+        start(min_size="4KiB", max_size="8MiB", memory="256MiB", idle_release=idle_release) as a,
+        start(min_size="4KiB", max_size="8MiB", memory="256MiB", idle_release=idle_release) as b,
+    ):
+        runs = {"free": a.address, "cached": b.address}
+        bursts = {k: Pool(addr, name="bench-burst", idle_timeout=None) for k, addr in runs.items()}
+        readers = {k: Pool(addr, name="bench-idle", idle_timeout=None) for k, addr in runs.items()}
+        try:
+            peaks = {k: _burst(pool, readers[k]) for k, pool in bursts.items()}
+            bursts["free"].trim()
+            started = time.monotonic()
+            seen = {k: _Fall(peaks[k], idle_release) for k in runs}
+            while time.monotonic() - started < deadline:
+                now = time.monotonic() - started
+                for k, reader in readers.items():
+                    seen[k].note(now, reader.stats()["committed_bytes"])
+                if all(s.done is not None for s in seen.values()):
+                    break
+                time.sleep(0.02)
+        finally:
+            for pool in (*bursts.values(), *readers.values()):
+                pool.close()
+    out: dict[str, Any] = {"idle_release": idle_release, "deadline": deadline}
+    for k, s in seen.items():
+        out[k] = {"peak_bytes": s.peak, "seconds": s.done, "left": s.left, "left_bytes": s.at}
+    return out
+
+
+def _burst(pool: Pool, reader: Pool) -> int:
+    """Acquire ``IDLE_BURST``, write every page, release; the committed bytes at its peak."""
+    leases = [pool.acquire(n) for n, count in IDLE_BURST for _ in range(count)]
+    for lease in leases:
+        _touch(lease.view, len(lease.view))
+    peak: int = reader.stats()["committed_bytes"]
+    for lease in leases:
+        lease.release()
+    return peak
+
+
+class _Fall:
+    """What one idle manager's committed bytes did after the burst."""
+
+    def __init__(self, peak: int, idle_release: float) -> None:
+        self.peak = peak
+        self.by = IDLE_WITHIN * idle_release
+        self.done: float | None = None  # seconds until at most IDLE_LEFT of the peak
+        self.at = peak  # committed bytes at IDLE_WITHIN * idle_release (the last reading by then)
+
+    @property
+    def left(self) -> float:
+        return self.at / self.peak if self.peak else 0.0
+
+    def note(self, seconds: float, committed: int) -> None:
+        if seconds <= self.by:
+            self.at = committed
+        if self.done is None and committed <= IDLE_LEFT * self.peak:
+            self.done = seconds
+
+
 # -------------------------------------------------------------- the runner
 
 
@@ -550,11 +918,11 @@ def _spammed(address: str, requests: int) -> tuple[float, float]:
 
 
 def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
-    """Run every case; return ``{"results", "ratios", "machine"}``."""
+    """Run every case; return ``{"results", "ratios", "machine", "memory"}``."""
     trials, target_ns = (3, 2_000_000) if quick else (15, 20_000_000)
     results: list[dict[str, Any]] = []
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server = mp.get_context("fork").Process(target=_echo_server, args=(child,), daemon=True)
+    server = mp.get_context("fork").Process(target=_echo_server, args=(child, parent), daemon=True)
     server.start()
     child.close()
     big = mmap.mmap(-1, max(sizes))
@@ -621,6 +989,15 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
         big.close()
         parent.close()
         server.join(5)
+    # Memory that moves, after the rest: its managers and processes come and go.
+    # The idle check only waits and reads, so it runs beside the shift case.
+    memory: dict[str, Any] = {}
+    with ThreadPoolExecutor(1) as beside:
+        idle = beside.submit(_idle, IDLE_RELEASE / 2 if quick else IDLE_RELEASE)
+        memory["shift"] = _shift(2, 3.0) if quick else _shift()
+        memory["idle"] = idle.result()
+    moved, memory["recommit"] = _recommit(2 if quick else 9)
+    samples.update(moved)
     for (case, size), values in sorted(samples.items()):
         results.append({
             "case": case, "size": size, "median_ns": statistics.median(values),
@@ -676,10 +1053,33 @@ def run(*, quick: bool = False, sizes: tuple[int, ...] = SIZES) -> dict[str, Any
         "value": loud / quiet,
         "want": "<= 2",
     }
+    ratios.update(_memory_ratios(memory, med))
     machine = _machine(trials, target_ns)
     machine["manager_mapped_bytes"] = final["mapped_bytes"]
     machine["manager_memory_limit"] = final["memory_limit"]
-    return {"results": results, "ratios": ratios, "machine": machine}
+    return {"results": results, "ratios": ratios, "machine": machine, "memory": memory}
+
+
+def _memory_ratios(memory: dict[str, Any], med: dict[tuple[str, int], float]) -> dict[str, Any]:
+    shift, idle = memory["shift"], memory["idle"]
+    out: dict[str, Any] = {
+        "memory.shift acquires failed (count)": {"value": shift["failed"], "want": "<= 0"},
+        "memory.shift mixed peak committed/requested": {
+            "value": shift["mixed_peak_ratio"],
+            "want": f"<= {SHIFT_RATIO:g}",
+        },
+    }
+    for run, want in (("free", f"<= {IDLE_LEFT:g}"), ("cached", "")):
+        out[f"memory.idle ({run}) committed left/peak at {IDLE_WITHIN:g}x idle_release"] = {
+            "value": idle[run]["left"],
+            "want": want,
+        }
+    for n in RECOMMIT_SIZES:
+        out[f"memory.recommit/memory.committed@{format_size(n)}"] = {
+            "value": med[("memory.recommit", n)] / med[("memory.committed", n)],
+            "want": "",
+        }
+    return out
 
 
 def _pairs_per_message(pool: Pool, size: int, pairs: int) -> float:
@@ -749,6 +1149,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{r['case']:<36} {format_size(r['size']) if r['size'] else '-':>7} "
             f"{_ns(r['median_ns']):>11} {_ns(r['min_ns']):>11} {_ns(r['max_ns']):>11}"
         )
+    if "memory" in report:
+        lines += _format_memory(report["memory"])
     lines.append("")
     lines.append(f"{'ratio (same run)':<62} {'value':>9}  {'want':<7}")
     for name, r in report["ratios"].items():
@@ -760,6 +1162,39 @@ def format_report(report: dict[str, Any]) -> str:
         f"{m['trials']} trials of ~{m['trial_ms']:.0f} ms per case"
     )
     return "\n".join(lines)
+
+
+def _format_memory(memory: dict[str, Any]) -> list[str]:
+    shift, idle = memory["shift"], memory["idle"]
+    lines = [
+        "",
+        f"memory.shift: {shift['workers']} processes, budget {format_size(shift['budget'])}, "
+        f"max_size {format_size(shift['max_size'])}; {shift['acquired']} acquires, "
+        f"{shift['failed']} failed ({shift['skipped']} not made after them), "
+        f"{shift['seconds']:.1f} s; at each phase's peak:",
+        f"{'phase':<10} {'acquired':>8} {'failed':>6} {'held':>9} {'requested':>9} "
+        f"{'leased':>9} {'committed':>9} {'c/r':>5} {'s':>6}",
+    ]
+    for ph in shift["phases"]:
+        lines.append(
+            f"{ph['phase']:<10} {ph['acquired']:>8} {ph['failed']:>6} "
+            f"{format_size(ph['held_bytes']):>9} {format_size(ph['requested_bytes']):>9} "
+            f"{format_size(ph['leased_bytes']):>9} {format_size(ph['committed_bytes']):>9} "
+            f"{ph['committed/requested']:>5.2f} {ph['seconds']:>6.2f}"
+        )
+    lines.append(
+        f"memory.idle: idle_release {idle['idle_release']:g} s; a burst, then no load, "
+        f"until committed <= {IDLE_LEFT:.0%} of its peak:"
+    )
+    for run in ("free", "cached"):
+        r = idle[run]
+        took = f"{r['seconds']:.2f} s" if r["seconds"] is not None else "not yet"
+        lines.append(
+            f"  {run:<7} peak {format_size(r['peak_bytes'])}, {took} "
+            f"(deadline {idle['deadline']:g} s); {r['left']:.0%} left at "
+            f"{IDLE_WITHIN:g}x idle_release"
+        )
+    return lines
 
 
 def _ns(ns: float) -> str:

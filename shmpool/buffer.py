@@ -4,6 +4,16 @@ The hot path lives here and in ``Pool.acquire``: a release appends the slot to
 the cache list it came from (``_Slot.home``), and only a cache grown past its
 high-water mark calls back into the pool. No lock, no syscall, no allocation
 beyond the Lease and its memoryview.
+
+Metering. Each Lease counts its length in its pool's meter (``_PyMeter``, or
+the C ``Meter``) from when it is made to when its view is released, whichever
+way that happens (release, detach, share, pickling); ``Pool.usage()`` reads
+the meter and the pool reports it to the manager. The bytes leave the meter
+on the one path that closes the view, after the check that makes one thread
+of several close it, and not when the release is refused (an exported view:
+the lease stays open). A lease keeps the meter it was counted in: when its
+pool starts over (a fork, a new connection) with a new meter, the old leases
+settle with the old one.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import LeaseClosedError
 from .handle import Handle
 from .protocol import SlotRef
+from .sizeclass import MAX_SHIFT
 
 if TYPE_CHECKING:
     from .client import Pool
@@ -83,10 +94,40 @@ class _Slot:
         self.home = home  # a _Cache, or an _OversizeHome (or one of its kinds)
 
 
+class _PyMeter:
+    """What a pool's leases use (the C twin is ``_speedups.Meter``).
+
+    ``requested[k]``: the bytes of the open leases whose length ``n`` has
+    ``(n - 1).bit_length() == k``; ``sizes[k]``: the acquires of such a size
+    that returned a lease. ``k`` runs 0..MAX_SHIFT. The GIL guards each
+    ``+=`` on a list item (no thread switch falls inside one).
+    """
+
+    __slots__ = ("requested", "sizes")
+
+    def __init__(self) -> None:
+        self.requested = [0] * (MAX_SHIFT + 1)
+        self.sizes = [0] * (MAX_SHIFT + 1)
+
+    def snapshot(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(requested, sizes)``, as they are now."""
+        return tuple(self.requested), tuple(self.sizes)
+
+    def count_acquire(self, size: int) -> None:
+        """An acquire of ``size`` bytes returned a lease."""
+        self.sizes[(size - 1).bit_length()] += 1
+
+
 class _PyLeaseBase:
     """The pure-Python core of Lease (the C twin is ``_speedups.LeaseBase``)."""
 
-    __slots__ = ("_slot", "_view")
+    # _length: len(_view) when made, which a view its user released (``with
+    # lease.view:``) no longer tells; what the meter counts, at _bucket (its
+    # (n - 1).bit_length(), kept so that release() need not work it out again).
+    __slots__ = ("_bucket", "_length", "_meter", "_slot", "_view")
+    _bucket: int
+    _length: int
+    _meter: _PyMeter
     _slot: _Slot
     _view: memoryview | None
 
@@ -117,6 +158,7 @@ class _PyLeaseBase:
         if self._view is not v:
             return  # another thread closed it meanwhile (see _close)
         self._view = None
+        self._meter.requested[self._bucket] -= self._length
         slot = self._slot
         home = slot.home
         home.append(slot)
@@ -151,7 +193,8 @@ def _close(lease: _PyLeaseBase) -> bool:
     I/O in another thread) it refuses, and the lease must stay open then,
     its slot neither returned nor lost. Releasing a released view does
     nothing, and no call stands between the check and the store below: of
-    two threads closing the lease at once, one does.
+    two threads closing the lease at once, one does, and takes its bytes off
+    its meter.
     """
     view = lease._view
     if view is None:
@@ -160,6 +203,7 @@ def _close(lease: _PyLeaseBase) -> bool:
     if lease._view is not view:
         return False
     lease._view = None
+    lease._meter.requested[lease._bucket] -= lease._length
     return True
 
 
@@ -191,9 +235,11 @@ try:
 except ImportError:
     _speedups = None
     _LeaseBase: Any = _PyLeaseBase
+    _Meter: Any = _PyMeter
 else:
     _speedups.configure(LeaseClosedError, _Slot, _Cache)
     _LeaseBase = _speedups.LeaseBase
+    _Meter = _speedups.Meter
 
 #: True when the C hot path is in use.
 SPEEDUPS = _speedups is not None
@@ -303,11 +349,23 @@ def _unpickle(*fields: int) -> Lease:
     raise RuntimeError("shmpool.client is not imported")  # pragma: no cover
 
 
-def make_lease(slot: _Slot, size: int) -> Lease:
-    """A new Lease over ``slot`` showing its first ``size`` bytes."""
+def make_lease(slot: _Slot, size: int, meter: Any = None) -> Lease:
+    """A new Lease over ``slot`` showing its first ``size`` bytes, counted in ``meter``.
+
+    Every pool passes its own; without one (a lease made outside any pool)
+    the lease counts in a meter of its own, which nobody reads.
+    """
+    if meter is None:
+        meter = _Meter()
     if _speedups is not None:
-        return _speedups.make_lease(Lease, slot, size)  # type: ignore[no-any-return]
+        return _speedups.make_lease(Lease, slot, size, meter)  # type: ignore[no-any-return]
     lease: Lease = _new_lease(Lease)
     lease._slot = slot
-    lease._view = slot.view[:size]
+    view = slot.view[:size]
+    n = len(view)
+    lease._view = view
+    lease._length = n
+    lease._bucket = k = (n - 1).bit_length()
+    lease._meter = meter
+    meter.requested[k] += n
     return lease

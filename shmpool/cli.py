@@ -1,4 +1,4 @@
-"""The command line: ``shmpool serve | stats | demo`` (also ``python -m shmpool``)."""
+"""The command line: ``shmpool serve | stats | demo | bench`` (also ``python -m shmpool``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from .address import ENV_VAR
+from .embedded import check_idle_release
 from .errors import ShmpoolError
-from .manager import HELLO_TIMEOUT, MAX_CLIENTS
+from .manager import HELLO_TIMEOUT, IDLE_RELEASE, MAX_CLIENTS
 
 __all__ = ["main"]
 
@@ -64,12 +65,22 @@ def _parser() -> argparse.ArgumentParser:
         "--client-quota", default=None,
         help="most memory one connection may hold, e.g. 256MiB (default: no quota)",
     )  # fmt: skip
+    serve.add_argument(
+        "--idle-release", type=_idle_seconds, default=IDLE_RELEASE, metavar="SECONDS",
+        help="seconds a free slot stays unused before its pages are given back to the "
+        f"system; 0: never (default {IDLE_RELEASE:g})",
+    )  # fmt: skip
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
 
     stats = sub.add_parser("stats", help="show a running manager's statistics")
     stats.add_argument("--address", help=f"socket path (default: ${ENV_VAR})")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.add_argument(
+        "--suggest", action="store_true",
+        help="propose --min-size, --max-size and --memory for 'shmpool serve' from the "
+        "sizes acquired so far (with --json: the proposal as JSON)",
+    )  # fmt: skip
 
     demo = sub.add_parser("demo", help="workers doing real work through an embedded manager")
     demo.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
@@ -108,6 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _idle_seconds(text: str) -> float:
+    try:
+        return check_idle_release(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds >= 0 (0: never)"
+        ) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .manager import Manager
 
@@ -124,6 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
         hello_timeout=args.hello_timeout,
         max_queued_bytes=args.max_queued_bytes,
         client_quota=args.client_quota,
+        idle_release=args.idle_release,
     )
     manager.serve(ready_fd=args.ready_fd, lifeline_fd=args.lifeline_fd)
     return 0
@@ -131,11 +152,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from .client import connect
-    from .report import format_stats
+    from .report import format_stats, format_suggestion
+    from .suggest import suggest
 
     with connect(args.address, name="shmpool stats") as pool:
         stats = pool.stats()
     stats.pop("local", None)
+    if args.suggest:  # no suggestion (too few acquires) is an answer too: exit 0
+        proposal = suggest(stats)
+        print(
+            json.dumps(proposal.to_dict(), indent=2) if args.json else format_suggestion(proposal)
+        )
+        return 0
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 

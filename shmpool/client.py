@@ -18,6 +18,14 @@ connection. Each slot remembers the cache list it came from (``_Slot.home``),
 so a parent's lease released in the child lands in a list nobody reads again:
 the parent's slots stay the parent's. Processes made without ``os.fork``
 callbacks are caught by comparing ``os.getpid()`` on the slow path.
+
+Usage. Every lease counts its bytes in the pool's meter while it is open, and
+every acquire its size (``buffer``'s note on metering); the janitor sends the
+manager what changed (``Usage``) at most every ``USAGE_PERIOD``, and
+``stats()`` sends it first, so that the manager's figures for this process are
+exact. The meter starts over with the caches: a forked child does not
+report its parent's leases, and leases of a lost connection settle with the
+meter they were counted in, not with the new one.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -46,6 +54,7 @@ from .buffer import (
     Lease,
     _Borrowed,
     _Cache,
+    _Meter,
     _new_lease,
     _OversizeHome,
     _release_view,
@@ -78,8 +87,11 @@ log = logging.getLogger("shmpool")
 
 #: A class's cache may hold about this many bytes before surplus goes back.
 CACHE_BYTES = 64 << 20
-#: The first refill of a class asks for at most this many slots.
+#: The first refill of a class asks for at most this many slots...
 FIRST_BATCH = 4
+#: ... and this many bytes (but one slot at least): a process that takes one
+#: 8 MiB buffer should not commit 32 MiB of the manager's memory to its cache.
+FIRST_BATCH_BYTES = 256 << 10
 #: Refills (or trims) closer together than this double the class's batch (it is hot).
 HOT_INTERVAL = 1.0
 #: Default seconds without an acquire after which a cache is given back.
@@ -87,6 +99,8 @@ IDLE_TIMEOUT = 5.0
 #: Handoff notices a process keeps before it sends them in one message. They
 #: also go out with the next request, and within ``JANITOR_PERIOD`` anyway.
 NOTICE_BATCH = 64
+#: The janitor sends the manager a changed ``Usage`` at most this often (seconds).
+USAGE_PERIOD = 0.5
 
 #: Set in the generation a share's token is computed from (generations stay
 #: below 2**63), so that no share's token is ever the token of a handoff.
@@ -242,8 +256,8 @@ class Pool:
     # _speedups.configure_members); the rest live in __dict__.
     __slots__ = (
         "__dict__", "__weakref__", "_borrowed", "_broken", "_caches", "_claims", "_closed",
-        "_janitor", "_lent", "_lock", "_min_shift", "_notices", "_pid", "_segments", "_sock",
-        "_tickets_on", "client_id", "manager_instance",
+        "_janitor", "_lent", "_lock", "_meter", "_min_shift", "_notices", "_pid", "_segments",
+        "_sock", "_tickets_on", "client_id", "manager_instance",
     )  # fmt: skip
 
     def __init__(
@@ -284,12 +298,21 @@ class Pool:
         self._nclasses = welcome.max_size.bit_length() - self._min_shift
         sizes = [1 << (self._min_shift + i) for i in range(self._nclasses)]
         self._max_batch = [max(2, min(p.MAX_BATCH, CACHE_BYTES // s)) for s in sizes]
+        self._first_batch = [
+            max(1, min(FIRST_BATCH, FIRST_BATCH_BYTES // s, m))
+            for s, m in zip(sizes, self._max_batch, strict=True)
+        ]
         self._new_caches()
         if _speedups is not None:  # the C twin of acquire(), shadowing the method
-            self.__dict__["acquire"] = _speedups.Acquirer(self._lookup, self._acquire_slow, Lease)
+            self.__dict__["acquire"] = _speedups.Acquirer(
+                self._lookup, self._acquire_slow, Lease, self._meter
+            )
         _POOLS.add(self)
 
     def _reset_counters(self) -> None:
+        # Requests sent, usage reports aside: those are the pool's bookkeeping,
+        # not its use (counted, each would look like activity to the janitor's
+        # idle check, and blur how many acquires a message costs).
         self.messages = 0
         self.manager_acquires = 0
         self._acquires = 0  # slow-path acquires, and hot-path ones without the C twin
@@ -315,7 +338,7 @@ class Pool:
     def _new_caches(self) -> None:
         """Fresh, empty caches; slots in the old ones are no longer ours to hand out."""
         self._prefetching = {}  # the answers still to come died with the old connection
-        self._batch = [min(FIRST_BATCH, m) for m in self._max_batch]
+        self._batch = list(self._first_batch)
         self._last_batch = [0.0] * self._nclasses
         self._caches = [_Cache(self, i, 2 * b) for i, b in enumerate(self._batch)]
         self._oversize_home = _OversizeHome(self)
@@ -329,9 +352,14 @@ class Pool:
         # Entry 0 (size 1, and True, which equals 1) is a list that stays empty,
         # so those take the slow path, where check_request refuses a bool.
         self._lookup: Any = [[], *[self._caches[0]] * self._min_shift, *self._caches[1:]]
+        # Leases made from now on count here; those still open keep the old meter.
+        self._meter: Any = _Meter()
+        self._usage_sent = self._meter.snapshot()  # what the manager was told last: nothing
+        self._usage_at = time.monotonic()  # and when (the first report waits a period too)
         fast = self.__dict__.get("acquire")
         if fast is not None:
             fast.lookup = self._lookup
+            fast.meter = self._meter
 
     # ------------------------------------------------------------ hot path
 
@@ -360,7 +388,8 @@ class Pool:
         """
         try:
             if size > 0 and timeout is None:
-                slot = self._lookup[(size - 1).bit_length()].pop()
+                k = (size - 1).bit_length()
+                slot = self._lookup[k].pop()
             else:
                 raise ValueError
         except (IndexError, ValueError, TypeError, AttributeError):
@@ -368,7 +397,12 @@ class Pool:
         self._acquires += 1
         lease: Lease = _new_lease(Lease)  # make_lease(), inlined: this is the hot path
         lease._slot = slot
-        lease._view = slot.view[:size]
+        lease._view = slot.view[:size]  # size bytes: the slot's class holds them
+        lease._length = size
+        lease._bucket = k
+        meter = lease._meter = self._meter
+        meter.requested[k] += size
+        meter.sizes[k] += 1
         return lease
 
     # ----------------------------------------------------------- slow path
@@ -380,9 +414,12 @@ class Pool:
         wait = _wait_ms(timeout)
         index = (size - 1).bit_length() - self._min_shift
         if index >= self._nclasses:
-            return self._acquire_oversize(size, wait)
-        self._acquires += 1
-        return make_lease(self._refill(max(0, index), wait), size)
+            lease = self._acquire_oversize(size, wait)
+        else:
+            self._acquires += 1
+            lease = make_lease(self._refill(max(0, index), wait), size, self._meter)
+        self._meter.count_acquire(size)  # a hit counts itself (acquire(), in C or not)
+        return lease
 
     def _refill(self, index: int, wait: int = p.WAIT_DEFAULT) -> _Slot:
         """The cache of class ``index`` is empty: fill it from the manager.
@@ -463,7 +500,7 @@ class Pool:
             slots = self._grant(req, request, self._oversize_home, wait)
         self._acquires += 1
         self._misses += 1
-        return make_lease(slots[0], size)
+        return make_lease(slots[0], size, self._meter)
 
     def _release_shared(self, slot: _Slot) -> None:
         """A reader let go of a shared slot: tell the manager (no reply awaited)."""
@@ -566,18 +603,31 @@ class Pool:
     # ----------------------------------------------------- the manager asks
 
     def _on_recall(self, msg: p.Recall) -> None:
-        """Another client is short of ``msg.slot_size`` slots: give ours back."""
+        """Another client is short of ``msg.slot_size`` slots: give ours back.
+
+        ``slot_size`` 0: the manager's budget is spent, or this process sat
+        idle too long by its measure: every class goes back, as when the
+        janitor finds the pool idle.
+        """
+        if msg.slot_size == 0:
+            if self._return_idle():
+                log.debug("returned every idle slot on recall")
+        else:
+            self._return_recalled(msg.slot_size)
+        if self._notices and self._live():
+            self._flush_notices()  # the manager's books catch up: it may recall elsewhere
+
+    def _return_recalled(self, slot_size: int) -> None:
+        """Give back the cached ``slot_size`` slots, and halve that class's batch (lock held)."""
         if self._lent and self._live():
             self._reclaim_lent()  # those returned to us go back too
-        index = msg.slot_size.bit_length() - 1 - self._min_shift
+        index = slot_size.bit_length() - 1 - self._min_shift
         caches = self._caches_list()
         if 0 <= index < len(caches):
             self._batch[index] = max(1, self._batch[index] // 2)
             caches[index].high = 2 * self._batch[index]
             if self._return(caches[index], 0):
-                log.debug("returned idle %d-byte slots on recall", msg.slot_size)
-        if self._notices and self._live():
-            self._flush_notices()  # the manager's books catch up: it may recall elsewhere
+                log.debug("returned idle %d-byte slots on recall", slot_size)
 
     def _return_idle(self) -> int:
         """Give back every cached slot (lock held): the process sits idle."""
@@ -585,7 +635,7 @@ class Pool:
             self._reclaim_lent()
         returned = 0
         for i, cache in enumerate(self._caches_list()):
-            self._batch[i] = min(FIRST_BATCH, self._max_batch[i])
+            self._batch[i] = self._first_batch[i]
             cache.high = 2 * self._batch[i]
             returned += self._return(cache, 0)
         return returned
@@ -711,14 +761,15 @@ class Pool:
         assert self._sock is not None
         return self._sock
 
-    def _send(self, data: bytes, hello: bool = False) -> socket.socket:
+    def _send(self, data: bytes, hello: bool = False, counted: bool = True) -> socket.socket:
+        """Send a request; ``counted``: in ``messages`` (usage reports are not)."""
         sock = self._sock if hello else self._ensure_connection()
         assert sock is not None
         if self._notices and not hello:
             self._flush_notices()  # they come before anything this client says next
-        return self._send_on(sock, data)
+        return self._send_on(sock, data, counted)
 
-    def _send_on(self, sock: socket.socket, data: bytes) -> socket.socket:
+    def _send_on(self, sock: socket.socket, data: bytes, counted: bool = True) -> socket.socket:
         try:
             sock.send(data)
         except BlockingIOError:
@@ -727,7 +778,8 @@ class Pool:
             ) from None
         except OSError as exc:
             raise self._gone(exc) from None
-        self.messages += 1
+        if counted:
+            self.messages += 1
         return sock
 
     def _note(self, kind: int, ref: p.SlotRef, token: int, urgent: bool = False) -> None:
@@ -857,7 +909,9 @@ class Pool:
         self._segments = {}
         self._reset_counters()
         if not self._closed:
-            self._new_caches()
+            self._new_caches()  # and a new meter: the parent's leases are not the child's
+        else:
+            self._meter = _Meter()
 
     # ------------------------------------------------------------ public
 
@@ -869,10 +923,14 @@ class Pool:
     def stats(self) -> dict[str, Any]:
         """The manager's statistics, plus this process's in ``"local"``.
 
+        This process's usage (``usage()``) goes to the manager first, so its
+        figures for this process are current.
+
         Raises:
             ManagerGoneError, PoolClosedError.
         """
         with self._lock:
+            self._report_usage()
             reply, fds = self._call(p.Stats(self._next_req()))
         _close_fds(fds)
         if not isinstance(reply, p.StatsReply):
@@ -886,6 +944,54 @@ class Pool:
             "cached": {str(1 << (self._min_shift + c.cls)): len(c) for c in self._caches if c},
         }
         return stats
+
+    def usage(self) -> dict[str, Any]:
+        """What this process uses of the pool, as it reports it to the manager.
+
+        ``"requested"`` maps ``k`` to the bytes of the leases open in this
+        process whose length ``n`` (``len(lease.view)``) has
+        ``(n - 1).bit_length() == k``, and ``"requested_bytes"`` is their
+        sum: every lease counts, however it was made (acquired, attached,
+        unpickled, a reader's share, a ``SharedBuffer``'s), from when it is
+        made until its view is released (``release()``, a ``with`` block,
+        ``detach()``, ``share()``, pickling). One dropped without release
+        counts on, as its slot stays leased. ``"sizes"`` maps ``k`` to how
+        many ``acquire(size)`` calls with ``(size - 1).bit_length() == k``
+        returned a lease since this connection began (not attaches). Only
+        nonzero entries are listed. Read without the lock: a snapshot.
+
+        A forked child starts from zero, and so does a pool that lost its
+        connection; the leases from before settle with the meter they were
+        counted in, not this one.
+        """
+        requested, sizes = self._meter.snapshot()
+        return {
+            "requested_bytes": sum(requested),
+            "requested": {k: n for k, n in enumerate(requested) if n},
+            "sizes": {k: c for k, c in enumerate(sizes) if c},
+        }
+
+    def _report_usage(self, due_only: bool = False) -> None:
+        """Send the manager a ``Usage`` if what this process uses changed (lock held).
+
+        ``due_only`` (the janitor's ticks): only once ``USAGE_PERIOD`` has
+        passed since the last report. The report carries the bytes of the
+        open leases (the manager replaces its last figures with them) and
+        the acquires since the last report; nonzero pairs only. Nothing goes
+        on a connection that is not this process's own and live.
+        """
+        now = time.monotonic()
+        if not self._live() or (due_only and now - self._usage_at < USAGE_PERIOD):
+            return
+        requested, sizes = self._meter.snapshot()
+        sent_requested, sent_sizes = self._usage_sent
+        if requested == sent_requested and sizes == sent_sizes:
+            return
+        acquired = (c - was for c, was in zip(sizes, sent_sizes, strict=True))
+        usage = p.Usage(self._next_req(), _nonzero(requested), _nonzero(acquired))
+        self._send(p.encode(usage), counted=False)
+        self._usage_sent = (requested, sizes)
+        self._usage_at = now
 
     # ------------------------------------------------------------ handoff
 
@@ -1198,8 +1304,9 @@ class Pool:
                     )
                 self._note(p.NOTICE_CLAIMED, ref, token)  # in the manager's keeping
                 home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
+            meter = self._meter  # this connection's, as home is
         slot = _Slot(ref, seg.view[offset : offset + size], home)
-        return make_lease(slot, min(length, size))
+        return make_lease(slot, min(length, size), meter)
 
     def _take(self, fields: tuple[int, ...]) -> Lease | None:
         """Claim a pickled Lease's slot by its ticket word: ``_claim`` in C.
@@ -1255,10 +1362,11 @@ class Pool:
             else:
                 home = self._caches[max(0, size.bit_length() - 1 - self._min_shift)]
             slots = self._granted(reply, fds, home)
+            meter = self._meter  # this connection's, as home is
         slot = slots[0]
         if readers:
             slot.view = slot.view.toreadonly()
-        return make_lease(slot, min(length, slot.capacity))
+        return make_lease(slot, min(length, slot.capacity), meter)
 
     def buffer(self, size_hint: int = 0) -> SharedBuffer:
         """A growable file-like ``SharedBuffer`` in this pool (see ``shmpool.SharedBuffer``).
@@ -1358,6 +1466,11 @@ def _wait_ms(timeout: float | None) -> int:
     if not timeout >= 0:
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
     return min(p.WAIT_DEFAULT - 1, math.ceil(timeout * 1000))
+
+
+def _nonzero(counts: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """The pairs ``(k, n)`` of ``counts`` whose ``n`` is not 0, as ``Usage`` carries them."""
+    return tuple((k, n) for k, n in enumerate(counts) if n)
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

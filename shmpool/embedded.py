@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import signal
@@ -17,7 +18,7 @@ from .client import Pool
 from .errors import ManagerGoneError, ShmpoolError
 from .sizeclass import Classes, parse_size
 
-__all__ = ["ManagerProcess", "start"]
+__all__ = ["ManagerProcess", "check_idle_release", "start"]
 
 
 class ManagerProcess:
@@ -107,6 +108,7 @@ def start(
     hello_timeout: float | None = None,
     max_queued_bytes: int | str | None = None,
     client_quota: int | str | None = None,
+    idle_release: float | None = None,
     log_level: str = "WARNING",
 ) -> ManagerProcess:
     """Start a manager in a child process and wait until it listens.
@@ -116,14 +118,18 @@ def start(
     even by SIGKILL. ``$SHMPOOL_ADDRESS`` is set to its address so that child
     processes can call ``shmpool.connect()`` without arguments. The limits
     (``max_clients`` and the rest, None: the manager's defaults) are those of
-    ``shmpool serve`` and ``shmpool.Manager``.
+    ``shmpool serve`` and ``shmpool.Manager``. ``idle_release`` is how many
+    seconds a free slot stays unused before the manager gives its pages back
+    to the system (0: never; None: the manager's default, 30).
 
     Raises:
-        ValueError, TypeError: a bad size.
+        ValueError, TypeError: a bad size, or a bad ``idle_release``.
         ShmpoolError: the manager failed to start (its reason in the message).
     """
     Classes(min_size, max_size)
     parse_size(memory, name="memory")
+    if idle_release is not None:
+        check_idle_release(idle_release)
     path = resolve(address) if address is not None else unique_address()
     ready_r, ready_w = os.pipe()
     life_r, life_w = os.pipe()
@@ -141,6 +147,7 @@ def start(
         ("--hello-timeout", hello_timeout),
         ("--max-queued-bytes", max_queued_bytes),
         ("--client-quota", client_quota),
+        ("--idle-release", idle_release),
     ):
         if value is not None:
             cmd += [flag, str(value)]
@@ -176,6 +183,20 @@ def start(
             proc.wait()
         raise ShmpoolError(f"the manager failed to start: {status or 'it exited'}")
     return ManagerProcess(proc, path, life_w)
+
+
+def check_idle_release(value: object) -> float:
+    """``value`` as seconds for ``idle_release``: a finite number ``>= 0``.
+
+    Raises:
+        TypeError: not a number (``bool`` too).
+        ValueError: negative, NaN or infinite (0, not infinity, means never).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"idle_release must be a number of seconds, not {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"idle_release must be a number of seconds >= 0 (0: never), got {value}")
+    return float(value)
 
 
 def _child_env() -> dict[str, str]:

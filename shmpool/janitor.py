@@ -1,4 +1,4 @@
-"""The per-pool janitor thread: recalls, a dead manager, and idle caches."""
+"""The per-pool janitor thread: recalls, a dead manager, usage reports, and idle caches."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ JANITOR_FAILURES = 5
 
 class Janitor(threading.Thread):
     """Per-pool daemon thread: answers recalls, sends handoff notices, takes back
-    lent slots, returns an idle cache.
+    lent slots, reports usage, returns an idle cache.
 
     Every ``JANITOR_PERIOD`` it looks, without blocking anyone, whether the
     manager spoke unasked (a Recall, or end-of-file when it died) and
@@ -108,6 +108,7 @@ class Janitor(threading.Thread):
             pool._flush_notices()  # handoffs the manager has not heard of yet
         if pool._lent:
             pool._reclaim_lent()  # lent slots returned, or whose handles expired
+        pool._report_usage(due_only=True)  # if it changed, at most every USAGE_PERIOD
         now = time.monotonic()
         idle = pool.idle_timeout
         if pool._activity() != self._seen:

@@ -19,6 +19,13 @@ connection whose process still runs (it broke the protocol), the slots stay
 *quarantined*, held by nobody, until that process exits: it may still be
 writing them.
 
+Memory moves (see ``arena``): an acquire that finds the budget spent takes
+the pages of other classes' free slots at once; if that is not enough, it
+waits while every client is asked to return the idle slots it caches
+(``Recall`` of every class). Every ``idle_release / 2`` seconds the free slots
+nobody took for ``idle_release`` seconds give their pages back to the OS, and
+clients that sent nothing for that long are asked for their caches.
+
 Limits, each with a clear error to the one refused: connections in all and
 per user, a handshake deadline, replies queued for all clients together,
 a per-client memory quota, and Stats replies built at most a tenth of the
@@ -95,12 +102,19 @@ MAX_REFUSED = 64
 ATTACH_WAIT = 1.0
 #: Connection ids run 1..MAX_CLIENT_ID, then start again (skipping live ones).
 MAX_CLIENT_ID = 0xFFFF_FFFF
+#: Default seconds a free slot keeps its pages unused before they go back to the OS.
+IDLE_RELEASE = 30.0
+#: ``Recall.slot_size`` asking for the idle slots of every class.
+EVERY_CLASS = 0
+#: While an acquire waits, its recalls go out again this often (slots cached
+#: since the last one serve it too; each client has at most one unread).
+RECALL_EVERY = 0.1
 
 
 class _Peer:
     __slots__ = (
-        "events", "id", "name", "outbytes", "outq", "parked", "paused", "pid", "pidfd",
-        "recalled", "sock", "stats_wait", "throttled", "uid", "welcomed",
+        "events", "heard", "id", "name", "outbytes", "outq", "parked", "paused", "pid", "pidfd",
+        "quiet", "recalled", "sock", "stats_wait", "throttled", "uid", "welcomed",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, peer_id: int, pid: int, uid: int) -> None:
@@ -120,6 +134,8 @@ class _Peer:
         self.outq: deque[tuple[bytes, Sequence[int]]] = deque()
         self.outbytes = 0
         self.recalled: set[int] = set()  # slot sizes recalled from it (maybe unread)
+        self.heard = -1  # its message count at the last idle pass
+        self.quiet = 0  # idle passes in a row it sent nothing
 
     @property
     def reading(self) -> bool:
@@ -127,7 +143,7 @@ class _Peer:
 
 
 class _Waiter:
-    __slots__ = ("deadline", "msg", "peer", "recalled", "slot_size")
+    __slots__ = ("deadline", "msg", "next_recall", "peer", "recalled", "slot_size", "why")
 
     def __init__(
         self,
@@ -142,6 +158,8 @@ class _Waiter:
         self.slot_size = slot_size
         self.deadline = deadline
         self.recalled = recalled  # connections asked to return slots for it
+        self.next_recall = 0.0
+        self.why = ""  # the last reason it could not be served
 
 
 class Manager:
@@ -162,6 +180,9 @@ class Manager:
     ``hello_timeout`` seconds; ``max_queued_bytes`` of replies may wait
     unread for all clients together; ``client_quota`` (bytes, None: no
     quota) caps the memory one connection may hold.
+
+    ``idle_release``: seconds a free slot may sit unused before its pages go
+    back to the OS (0: never; they still move to any class that needs them).
     """
 
     def __init__(
@@ -182,7 +203,10 @@ class Manager:
         hello_timeout: float = HELLO_TIMEOUT,
         max_queued_bytes: int | str = MAX_QUEUED_BYTES,
         client_quota: int | str | None = None,
+        idle_release: float = IDLE_RELEASE,
     ) -> None:
+        if not 0 <= idle_release < float("inf"):
+            raise ValueError("idle_release must be a finite number of seconds, at least 0")
         if max_clients < 1 or (max_clients_per_uid is not None and max_clients_per_uid < 1):
             raise ValueError("max_clients and max_clients_per_uid must be at least 1")
         if not hello_timeout > 0:
@@ -210,6 +234,8 @@ class Manager:
         self.client_quota = (
             None if client_quota is None else parse_size(client_quota, name="client_quota")
         )
+        self.idle_release = float(idle_release)
+        self._idle_due = time.monotonic() + self.idle_release / 2
         self.instance = secrets.randbits(63)
         self._waiting: deque[_Waiter] = deque()
         self._attaching: list[tuple[_Peer, p.Attach, float]] = []
@@ -287,6 +313,7 @@ class Manager:
             self._expire_transit,
             self._serve_stats,
             self._serve_attaching,
+            self._release_idle,
         ):
             try:
                 step()
@@ -634,6 +661,8 @@ class Manager:
         elif isinstance(msg, p.Stats):
             arena.note_message(peer.id)
             self._stats_request(peer, msg.req)
+        elif isinstance(msg, p.Usage):  # bookkeeping, not a request: not counted in messages
+            arena.note_usage(peer.id, msg.requested, msg.sizes)
 
     def _acquire(self, peer: _Peer, msg: p.Acquire) -> None:
         if not msg.wait:  # a prefetch or timeout=0: never before those who wait, never parked
@@ -646,8 +675,8 @@ class Manager:
             self._grant(peer, msg)
         except QuotaExceededError:
             raise  # only its own releases can help: no waiting
-        except PoolExhaustedError:
-            if not self._park(peer, msg):
+        except PoolExhaustedError as exc:
+            if not self._park(peer, msg, str(exc)):
                 raise
 
     def _grant(self, peer: _Peer, msg: p.Acquire) -> None:
@@ -675,39 +704,67 @@ class Manager:
 
     # -------------------------------------------------- waiting for memory
 
-    def _park(self, peer: _Peer, msg: p.Acquire) -> bool:
+    def _park(self, peer: _Peer, msg: p.Acquire, why: str) -> bool:
         """Make an acquire wait for memory (recalling idle slots); False if it may not.
 
         An acquire with the default wait waits only when something may come
-        back (others hold or carry slots of its class); one with its own
-        timeout waits whatever, since any release, recall or exit may serve it.
+        back (other clients hold slots, or slots of its class are in
+        transit); one with its own timeout waits whatever, since any
+        release, recall or exit may serve it. Neither waits for more than
+        the whole budget. While it waits, its recalls go out again every
+        ``RECALL_EVERY`` seconds (``_expire_waiting``).
         """
         explicit = msg.wait != p.WAIT_DEFAULT
         wait = msg.wait / 1000 if explicit else self.acquire_wait
         if wait <= 0:
             return False
-        slot_size = self.arena.class_size(msg.size)
-        holders: dict[int, int] = {}
-        if slot_size is not None:
-            holders = self.arena.holders(slot_size)
-            holders.pop(peer.id, None)
+        arena = self.arena
+        slot_size = arena.class_size(msg.size)
+        if (slot_size or msg.size) > arena.memory:
+            return False  # more than the whole budget: nothing can come back for it
+        waiter = _Waiter(peer, msg, slot_size, time.monotonic() + wait, set())
         # Slots in transit may already sit in a receiver's cache, its claim
         # notices still queued: when they arrive, it is recalled too.
-        if not explicit and (
-            slot_size is None or not (holders or self.arena.transit_count(slot_size))
+        if not (
+            self._recall_for(waiter)
+            or explicit
+            or (slot_size is not None and arena.transit_count(slot_size))
         ):
             return False
-        for conn in holders:
-            holder = self._peers.get(conn)
-            if holder is not None and slot_size is not None:
-                self._recall(holder, slot_size, msg.count)
+        waiter.why = why
         peer.parked = True
-        deadline = time.monotonic() + wait
-        self._waiting.append(_Waiter(peer, msg, slot_size, deadline, set(holders)))
+        self._waiting.append(waiter)
+        holders = waiter.recalled
         log.debug(
             "client %d waits for %s-byte slots; recalled from %s", peer.id, slot_size, list(holders)
         )
         return True
+
+    def _recall_for(self, waiter: _Waiter) -> bool:
+        """Recall what may serve ``waiter``; False if no other client holds a slot.
+
+        Holders of its class return their idle slots of it; every client
+        holding slots (those holders too) returns its idle slots of every
+        class, whose pages serve any class once the budget is spent.
+        """
+        arena = self.arena
+        mine = waiter.peer.id
+        waiter.next_recall = time.monotonic() + RECALL_EVERY
+        holders: dict[int, int] = {}
+        if waiter.slot_size is not None:
+            holders = arena.holders(waiter.slot_size)
+            holders.pop(mine, None)
+        for conn in holders:
+            holder = self._peers.get(conn)
+            if holder is not None:
+                self._recall(holder, waiter.slot_size or 0, waiter.msg.count)
+        waiter.recalled.update(holders)
+        found = bool(holders)
+        for other in self._peers.values():  # holders too: their other classes' pages serve
+            if other.id != mine and arena.held_by(other.id):
+                self._recall(other, EVERY_CLASS, 1)
+                found = True
+        return found
 
     def _recall(self, peer: _Peer, slot_size: int, count: int) -> None:
         """Ask ``peer`` to return its idle ``slot_size`` slots, unless it has yet to read that.
@@ -745,7 +802,8 @@ class Manager:
                 self._grant(waiter.peer, waiter.msg)
             except QuotaExceededError as exc:
                 self._unpark(waiter, exc.code, str(exc))
-            except PoolExhaustedError:
+            except PoolExhaustedError as exc:
+                waiter.why = str(exc)
                 blocked.add(waiter.slot_size)  # still nothing for this class: it waits on
             except ShmpoolError as exc:
                 self._unpark(waiter, exc.code, str(exc))
@@ -760,21 +818,23 @@ class Manager:
             self._send(waiter.peer, p.encode(p.Error(waiter.msg.req, code, text[: p.MAX_TEXT])))
 
     def _expire_waiting(self) -> None:
+        """Refuse the acquires whose wait is over; recall again for the others."""
         if not self._waiting:
             return
         now = time.monotonic()
-        for waiter in [w for w in self._waiting if w.deadline <= now]:
+        for waiter in list(self._waiting):
             if waiter.peer.id not in self._peers:
                 self._waiting.remove(waiter)
-                continue
-            what = (
-                f"{waiter.slot_size}-byte slot" if waiter.slot_size else f"{waiter.msg.size} bytes"
-            )
-            text = (
-                f"no {what} came free in time: the memory budget is spent and other "
-                "clients hold their slots"
-            )
-            self._unpark(waiter, "exhausted", text)
+            elif waiter.deadline <= now:
+                what = (
+                    f"{waiter.slot_size}-byte slot"
+                    if waiter.slot_size
+                    else f"{waiter.msg.size} bytes"
+                )
+                text = f"no {what} came free in time: {waiter.why}"
+                self._unpark(waiter, "exhausted", text)
+            elif waiter.next_recall <= now:
+                self._recall_for(waiter)
 
     def _apply_notices(self, peer: _Peer, flat: tuple[int, ...]) -> tuple[int, ...]:
         """Apply ``peer``'s handoff notices in order; return those that must wait.
@@ -880,6 +940,31 @@ class Manager:
                 self._send(peer, p.encode(p.Error(msg.req, exc.code, str(exc))))
             peer.parked = False
 
+    def _release_idle(self) -> None:
+        """Every ``idle_release / 2`` seconds: idle free slots give their pages back.
+
+        And a client that sent nothing for two passes in a row (at least
+        ``idle_release`` seconds) is asked for the slots it caches, once
+        until it speaks again, so that a cache its own settings keep longer
+        does not hold memory for ever.
+        """
+        if not self.idle_release:
+            return
+        now = time.monotonic()
+        if now < self._idle_due:
+            return
+        self._idle_due = now + self.idle_release / 2
+        freed = self.arena.release_idle()
+        if freed:
+            log.debug("gave %s of idle free slots back to the OS", format_size(freed))
+        arena = self.arena
+        for peer in self._peers.values():
+            heard = arena.messages_of(peer.id)
+            peer.quiet = peer.quiet + 1 if heard == peer.heard else 0
+            peer.heard = heard
+            if peer.quiet == 2 and arena.held_by(peer.id):
+                self._recall(peer, EVERY_CLASS, 1)
+
     def _expire_transit(self) -> None:
         """Handles nobody attached in time: their slots go back to the free lists."""
         if self.arena.in_transit() and self.arena.expire_transit(time.monotonic()):
@@ -888,7 +973,9 @@ class Manager:
 
     def _next_timeout(self) -> float:
         """Seconds until the nearest deadline (waiting acquire or attach, transit); 1 at most."""
-        deadlines = [w.deadline for w in self._waiting]
+        deadlines = [min(w.deadline, w.next_recall) for w in self._waiting]
+        if self.idle_release:
+            deadlines.append(self._idle_due)
         if self._hellos:
             deadlines.append(self._hellos[0][0])
         if self._stats_waiting:
@@ -986,6 +1073,7 @@ class Manager:
             "throttled": sum(1 for peer in self._peers.values() if peer.throttled),
             "waiting": len(self._waiting),
         }
+        s["idle_release"] = self.idle_release
         return s
 
     # -------------------------------------------------------------- output

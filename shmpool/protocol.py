@@ -19,6 +19,8 @@ Rules:
 - An ``Acquire`` the manager cannot serve at once may wait (bounded) while
   the manager ``Recall``s idle slots from other clients.
 - The manager may send ``Recall`` (req 0) at any time after ``Welcome``.
+- A client reports what it uses (``Usage``: bytes of its open leases, and the
+  sizes it asked for) now and then; it gets no reply.
 - Every field is checked for type and range when a message is built, so a
   decoded message is always well formed; ``decode`` turns anything else,
   whatever the bytes, into ``ProtocolError``.
@@ -77,6 +79,7 @@ __all__ = [
     "SlotRef",
     "Stats",
     "StatsReply",
+    "Usage",
     "Welcome",
     "claim_word",
     "claimer_of",
@@ -94,8 +97,8 @@ __all__ = [
 
 #: Bumped whenever clients of one manager could not work together, down to how a
 #: pickled Lease names the function that loads it (5: ``shmpool._attach_anywhere``;
-#: 6: ``Acquire.wait`` counts milliseconds).
-VERSION = 6
+#: 6: ``Acquire.wait`` counts milliseconds; 7: ``Usage``, and ``Recall`` of every class).
+VERSION = 7
 #: Largest request datagram a client may send (a full Release batch fits easily).
 MAX_REQUEST = 16 * 1024
 #: Largest reply datagram the manager sends (below the ~200 KiB SEQPACKET limit).
@@ -609,6 +612,57 @@ class Stats(_Message):
         _int(self.req, "req")
 
 
+@dataclass(frozen=True, slots=True)
+class Usage(_Message):
+    """What a client uses, for the manager's stats (no reply).
+
+    ``requested``: pairs ``(k, n)``: the open leases of this process whose
+    length ``m`` has ``(m - 1).bit_length() == k`` add up to ``n`` bytes (a
+    lease of ``m`` bytes sits in the class ``2**k`` when ``2**k`` is at
+    least ``min_size``). It replaces the client's previous report.
+    ``sizes``: pairs ``(k, c)``: ``c`` acquires of that many bytes since the
+    previous report (the manager adds them up into its size histogram).
+    ``k`` runs 0..MAX_SHIFT and each appears once in a list.
+    """
+
+    TYPE: ClassVar[int] = 9
+    req: int
+    requested: tuple[tuple[int, int], ...] = ()
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        object.__setattr__(self, "requested", _pairs(self.requested, "requested"))
+        object.__setattr__(self, "sizes", _pairs(self.sizes, "sizes"))
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.TYPE,
+            self.req,
+            [list(x) for x in self.requested],
+            [list(x) for x in self.sizes],
+        ]
+
+
+def _pairs(value: Any, name: str) -> tuple[tuple[int, int], ...]:
+    """Check a list of ``(k, n)`` pairs, ``k`` in 0..MAX_SHIFT at most once each."""
+    if type(value) not in (list, tuple) or len(value) > MAX_SHIFT + 1:
+        raise ValueError(f"{name} must be a list of at most {MAX_SHIFT + 1} pairs")
+    out = []
+    seen = set()
+    for pair in value:
+        if type(pair) not in (list, tuple) or len(pair) != 2:
+            raise ValueError(f"{name} must hold [k, n] pairs")
+        k, n = pair
+        _int(k, f"{name} k", 0, MAX_SHIFT)
+        _int(n, f"{name} n")
+        if k in seen:
+            raise ValueError(f"{name} names k={k} twice")
+        seen.add(k)
+        out.append((k, n))
+    return tuple(out)
+
+
 # ------------------------------------------------------------------ replies
 
 
@@ -725,7 +779,11 @@ class Error(_Message):
 
 @dataclass(frozen=True, slots=True)
 class Recall(_Message):
-    """Unasked (req 0): the manager is short of ``slot_size`` slots; return idle ones."""
+    """Unasked (req 0): the manager is short of ``slot_size`` slots; return idle ones.
+
+    ``slot_size`` 0: its memory budget is spent (or the client has sat idle
+    past the manager's ``idle_release``): return the idle slots of every class.
+    """
 
     TYPE: ClassVar[int] = 69
     req: int
@@ -734,7 +792,7 @@ class Recall(_Message):
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
-        _int(self.slot_size, "slot_size", 1, MAX_BUFFER)
+        _int(self.slot_size, "slot_size", 0, MAX_BUFFER)
         _int(self.count, "count", 1, 2**32)
 
 
@@ -747,6 +805,7 @@ Message = (
     | Share
     | Attach
     | Stats
+    | Usage
     | Welcome
     | Grant
     | Ok
@@ -766,6 +825,7 @@ _TYPES: dict[int, type[Any]] = {
         Share,
         Attach,
         Stats,
+        Usage,
         Welcome,
         Grant,
         Ok,
@@ -774,9 +834,9 @@ _TYPES: dict[int, type[Any]] = {
         Recall,
     )
 }
-REQUESTS = (Hello, Acquire, Release, Return, Notices, Share, Attach, Stats)
+REQUESTS = (Hello, Acquire, Release, Return, Notices, Share, Attach, Stats, Usage)
 #: Requests that get no reply when they succeed.
-NO_REPLY = (Return, Notices, Share)
+NO_REPLY = (Return, Notices, Share, Usage)
 REPLIES = (Welcome, Grant, Ok, StatsReply, Error, Recall)
 
 _pack = msgpack.Packer(use_bin_type=True).pack

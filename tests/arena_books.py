@@ -12,6 +12,7 @@ import itertools
 from typing import Any
 
 from shmpool.arena import ORPHAN, SHARED, TRANSIT, Arena
+from shmpool.errors import PoolExhaustedError
 from shmpool.protocol import MAX_ID
 from shmpool.sizeclass import Classes
 
@@ -95,13 +96,14 @@ def check_books(arena: Arena, backings: Backings | None = None) -> dict[str, Any
     Each slot is exactly one of: free (once in its class's free list), held
     by one live connection (in its ``held``), in transit, shared, or an
     orphan; the class counters and the stats agree with that; generations
-    stay in the protocol's range; mapped bytes stay within the budget.
+    stay in the protocol's range; committed memory stays within the budget
+    and covers every slot that is not free.
     """
     stats = arena.stats()  # first: it may settle orphans
     for cls in stats["classes"]:
         assert cls["total"] == cls["free"] + cls["leased"] + cls["in_transit"], cls
         assert min(cls["free"], cls["leased"], cls["in_transit"]) >= 0, cls
-    assert 0 <= stats["mapped_bytes"] <= stats["memory_limit"]
+    check_memory(arena, stats)
     conns = arena._conns
     owners: dict[tuple[int, int], int] = {}
     for c in conns.values():
@@ -162,3 +164,175 @@ def _check_slot(
     assert (holder == TRANSIT) == (key in arena._transit)
     assert (holder == ORPHAN) == (key in arena._orphans)
     assert (holder == SHARED) == (key in arena._shares)
+
+
+def check_memory(arena: Arena, stats: dict[str, Any]) -> None:
+    """The books of committed memory.
+
+    Within the budget; per class, the sum of its committed units; and every
+    slot that is not free (leased, cached, lent, in transit, shared, an
+    orphan's) lies in a committed unit: only free slots ever lose their pages.
+    """
+    assert 0 <= stats["committed_bytes"] <= stats["memory_limit"]
+    assert stats["committed_bytes"] <= stats["peak_committed_bytes"]
+    total = 0
+    for cls in arena._classes:
+        committed = 0
+        for seg in cls.segments:
+            for unit, on in enumerate(seg.units):
+                if on:
+                    committed += arena._unit_span(seg, unit)[1]
+            for index, holder in enumerate(seg.holders):
+                if holder:
+                    assert seg.units[index >> seg.unit_shift], (
+                        f"slot {seg.id}:{index} is out (holder {holder}) but not committed"
+                    )
+        assert committed == cls.committed, (cls.slot_size, committed, cls.committed)
+        total += committed
+    for seg in arena._segments.values():
+        if seg.cls is None:
+            assert seg.units[0]
+            total += seg.size - seg.header
+    assert total == arena.committed == stats["committed_bytes"]
+
+
+# ------------------------------------------------------------- backed pages
+
+
+class PagedBacking(WordBacking):
+    """A ``WordBacking`` that knows which of its bytes are backed, as tmpfs does.
+
+    ``commit`` backs bytes (``posix_fallocate``: free if backed already),
+    ``decommit`` frees them (``MADV_REMOVE``); the ticket words are backed at
+    birth, as ``ShmSegment`` backs them. ``data`` stands in for the memory:
+    bytes written while backed, zeros once freed (a freed page reads back 0).
+    """
+
+    def __init__(self, owner: PagedBackings, fd: int, size: int, header: int = 0) -> None:
+        super().__init__(fd, size, header)
+        self._owner = owner
+        self.backed = bytearray(size)  # 1 per backed byte
+        self.nbacked = 0
+        self.data = bytearray(size)
+        self.commits: list[tuple[int, int]] = []
+        self.decommits: list[tuple[int, int]] = []
+        if header:
+            self.commit(0, header)
+
+    def _check_span(self, offset: int, length: int) -> None:
+        assert length > 0 and offset >= 0 and offset + length <= self.size, (offset, length)
+        page = self._owner.page
+        assert offset % page == 0, f"offset {offset} is not page-aligned"
+        assert length % page == 0 or offset + length == self.size, f"length {length}"
+
+    def commit(self, offset: int, length: int) -> None:
+        self._check_span(offset, length)
+        assert not self.closes, "commit on a closed segment"
+        new = length - sum(self.backed[offset : offset + length])
+        owner = self._owner
+        if owner.capacity is not None and owner.used() + new > owner.capacity:
+            raise PoolExhaustedError(
+                f"cannot commit {length} bytes of shared memory (No space left on device): "
+                "/dev/shm is full (simulated)"
+            )
+        self.backed[offset : offset + length] = b"\x01" * length
+        self.nbacked += new
+        self.commits.append((offset, length))
+
+    def decommit(self, offset: int, length: int) -> None:
+        self._check_span(offset, length)
+        assert not self.closes, "decommit on a closed segment"
+        self.nbacked -= sum(self.backed[offset : offset + length])
+        self.backed[offset : offset + length] = bytes(length)
+        self.data[offset : offset + length] = bytes(length)
+        self.decommits.append((offset, length))
+
+    def write(self, offset: int, payload: bytes) -> None:
+        """A holder writes its slot (backed bytes only: the real one would SIGBUS)."""
+        end = offset + len(payload)
+        assert all(self.backed[offset:end]), f"write to unbacked bytes {offset}..{end}"
+        self.data[offset:end] = payload
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset : offset + length])
+
+    def close(self) -> None:
+        super().close()
+        self.backed = bytearray(self.size)
+        self.nbacked = 0
+
+
+class PagedBackings(Backings):
+    """``allocate(size[, header])`` making ``PagedBacking``s, in a ``/dev/shm`` of ``capacity``.
+
+    ``page``: commits and decommits must be aligned to it (the arena's
+    ``PAGE`` for segments of real slot sizes; 1 for the tiny classes of
+    ``word_arena``, whose units are not whole pages). ``capacity`` (None:
+    no limit) is how many bytes all live backings may have backed together;
+    a commit past it raises ``PoolExhaustedError`` as a full ``/dev/shm`` does.
+    """
+
+    def __init__(self, page: int = 1, capacity: int | None = None) -> None:
+        super().__init__()
+        self.page = page
+        self.capacity = capacity
+        self.made: list[PagedBacking] = []  # type: ignore[assignment]
+
+    def __call__(self, size: int, header: int = 0) -> PagedBacking:
+        backing = PagedBacking(self, next(self._fds), size, header)
+        self.made.append(backing)
+        return backing
+
+    @property
+    def live(self) -> list[PagedBacking]:  # type: ignore[override]
+        return [b for b in self.made if not b.closes]
+
+    def used(self) -> int:
+        """Bytes backed in all live backings (what ``/dev/shm`` would count)."""
+        return sum(b.nbacked for b in self.live)
+
+
+def paged_arena(
+    classes: Classes,
+    memory: int,
+    *,
+    segment_bytes: int,
+    ops: Any = None,
+    page: int = 1,
+    capacity: int | None = None,
+) -> tuple[Arena, PagedBackings]:
+    """An arena whose backings know their backed bytes (``check_pages`` reads them)."""
+    backings = PagedBackings(page, capacity)
+    arena = Arena(classes, memory, backings, segment_bytes=segment_bytes, tickets=ops)
+    return arena, backings
+
+
+def check_pages(arena: Arena, backings: PagedBackings) -> int:
+    """The books of committed memory against the bytes really backed; returns those bytes.
+
+    Every segment's backing has exactly the bytes of its committed units
+    (and its ticket words) backed, so every slot that is not free is backed
+    whole; the bytes backed in all add up to ``committed + ticket_bytes``.
+    """
+    live = {id(b) for b in backings.live}
+    for seg in arena._segments.values():
+        backing = seg.backing
+        assert isinstance(backing, PagedBacking) and id(backing) in live
+        assert all(backing.backed[: seg.header]), f"segment {seg.id}: ticket words not backed"
+        for unit, on in enumerate(seg.units):
+            offset, length = arena._unit_span(seg, unit)
+            span = backing.backed[offset : offset + length]
+            assert sum(span) == (length if on else 0), (
+                f"segment {seg.id} unit {unit}: books say {'committed' if on else 'free'}, "
+                f"{sum(span)} of {length} bytes backed"
+            )
+        for index, holder in enumerate(seg.holders):
+            if holder:
+                offset = seg.header + index * seg.slot_size
+                assert all(backing.backed[offset : offset + seg.slot_size]), (
+                    f"slot {seg.id}:{index} is out (holder {holder}) but its pages are gone"
+                )
+    used = backings.used()
+    assert used == sum(sum(b.backed) for b in backings.live)
+    assert used == arena.committed + arena.ticket_bytes, (used, arena.committed)
+    return used

@@ -68,7 +68,7 @@ def assert_balanced(stats: dict[str, Any]) -> None:
     for cls in stats["classes"]:
         assert cls["total"] == cls["free"] + cls["leased"] + cls.get("in_transit", 0), cls
         assert cls["free"] >= 0 and cls["leased"] >= 0, cls
-    assert stats["mapped_bytes"] <= stats["memory_limit"]
+    assert stats["committed_bytes"] <= stats["memory_limit"]
 
 
 def all_returned(stats: dict[str, Any]) -> bool:

@@ -93,8 +93,14 @@ def assert_books(arena: Arena, alloc: FakeAllocator) -> None:
     for c in stats["classes"]:
         assert c["total"] == c["free"] + c["leased"], c
         assert c["leased"] >= 0
-    assert 0 <= stats["mapped_bytes"] <= stats["memory_limit"]
+    assert 0 <= stats["committed_bytes"] <= stats["memory_limit"]
+    assert stats["committed_bytes"] <= stats["peak_committed_bytes"]
     assert stats["mapped_bytes"] == sum(b.size for b in alloc.live)
+    for c in stats["classes"]:  # every slot out with a client is committed
+        assert c["leased_bytes"] <= c["committed_bytes"] <= c["total"] * c["size"], c
+    assert stats["committed_bytes"] == (
+        sum(c["committed_bytes"] for c in stats["classes"]) + stats["oversize"]["bytes"]
+    )
     assert all(b.closes <= 1 for b in alloc.backings)
     assert stats["oversize"]["leases"] >= 0
 
@@ -222,6 +228,9 @@ def test_release_returns_the_count_and_frees_the_slots() -> None:
         "free": 3,
         "leased": 3,
         "in_transit": 0,
+        "committed_bytes": 3 * 64,  # a segment of two 32-byte slots is one unit
+        "leased_bytes": 3 * 32,
+        "requested_bytes": 0,
     }
     assert arena.release(1, iter(grant.slots[2:])) == 3
     assert arena.held_by(1) == 0
@@ -355,8 +364,11 @@ def test_drop_conn_returns_every_slot_to_the_free_lists() -> None:
         "free": 2,
         "leased": 0,
         "in_transit": 0,
+        "committed_bytes": 2 * 128,  # free slots keep their pages until idle or needed
+        "leased_bytes": 0,
+        "requested_bytes": 0,
     }
-    assert stats["oversize"] == {"leases": 0, "bytes": 0}
+    assert stats["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
     assert arena.held_by(2) == 2
     assert arena.release(2, keep.slots) == 2
     assert_books(arena, alloc)
@@ -442,13 +454,18 @@ def test_released_memory_is_reusable_within_the_same_class() -> None:
     assert alloc.calls == 1
 
 
-def test_class_segments_are_kept_after_release() -> None:
+def test_class_segments_are_kept_after_release_but_their_memory_moves() -> None:
     arena, alloc = make_arena(memory=64)
     arena.release(1, arena.acquire(1, 16, 4).slots)
     assert arena.mapped == 64
     assert alloc.live == alloc.backings
-    with pytest.raises(PoolExhaustedError):
-        arena.acquire(1, 64)
+    assert arena.committed == 64  # free, but kept committed while nobody needs it
+    grant = arena.acquire(1, 64)  # the budget is spent: the 16-byte class's pages go
+    assert grant.slot_size == 64
+    assert class_stats(arena, 16)["committed_bytes"] == 0
+    assert class_stats(arena, 64)["committed_bytes"] == 64
+    assert arena.committed == 64
+    assert_books(arena, alloc)
 
 
 # ---------------------------------------------------------------- oversize
@@ -466,7 +483,7 @@ def test_oversize_gets_a_dedicated_page_rounded_segment(size: int, segment: int)
     assert grant.fds == [alloc.backings[0].fd]
     assert alloc.backings[0].size == segment
     stats = arena.stats()
-    assert stats["oversize"] == {"leases": 1, "bytes": segment}
+    assert stats["oversize"] == {"leases": 1, "bytes": segment, "requested_bytes": 0}
     assert stats["mapped_bytes"] == segment
     assert all(c["total"] == 0 for c in stats["classes"])
     assert arena.held_by(1) == 1
@@ -481,7 +498,7 @@ def test_oversize_is_destroyed_on_release() -> None:
     (backing,) = [alloc.by_fd(fd) for fd in big.fds]
     assert backing.closes == 1
     assert arena.mapped == mapped - 2 * PAGE
-    assert arena.stats()["oversize"] == {"leases": 0, "bytes": 0}
+    assert arena.stats()["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
     with pytest.raises(StaleHandleError):
         arena.release(1, big.slots)
     assert alloc.by_fd(small.fds[0]).closes == 0
@@ -492,11 +509,11 @@ def test_oversize_is_destroyed_on_drop_conn() -> None:
     arena, alloc = make_arena()
     big = [arena.acquire(1, 1000), arena.acquire(1, 3 * PAGE)]
     other = arena.acquire(2, 1000)
-    assert arena.stats()["oversize"] == {"leases": 3, "bytes": 5 * PAGE}
+    assert arena.stats()["oversize"] == {"leases": 3, "bytes": 5 * PAGE, "requested_bytes": 0}
     arena.drop_conn(1)
     assert [alloc.by_fd(g.fds[0]).closes for g in big] == [1, 1]
     assert alloc.by_fd(other.fds[0]).closes == 0
-    assert arena.stats()["oversize"] == {"leases": 1, "bytes": PAGE}
+    assert arena.stats()["oversize"] == {"leases": 1, "bytes": PAGE, "requested_bytes": 0}
     assert arena.mapped == PAGE
     assert_books(arena, alloc)
 
@@ -597,8 +614,13 @@ def test_stats_shape() -> None:
         "free": 0,
         "leased": 2,
         "in_transit": 0,
+        "committed_bytes": 64,
+        "leased_bytes": 64,
+        "requested_bytes": 0,
     }
-    assert stats["oversize"] == {"leases": 0, "bytes": 0}
+    assert stats["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
+    assert stats["committed_bytes"] == stats["peak_committed_bytes"] == 64
+    assert stats["request_sizes"] == []
     assert stats["mapped_bytes"] == 64
     assert stats["memory_limit"] == 12345
     clients = {c["id"]: c for c in stats["clients"]}
@@ -695,6 +717,15 @@ class Model:
         }
 
 
+def without_memory(stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` without what moves when free slots give their pages back."""
+    stats = dict(stats, classes=[dict(c) for c in stats["classes"]])
+    del stats["committed_bytes"]
+    for c in stats["classes"]:
+        del c["committed_bytes"]
+    return stats
+
+
 def _step(rng: random.Random, model: Model, next_conn: Callable[[], int]) -> None:
     arena, alloc = model.arena, model.alloc
     conn = rng.choice(sorted(model.held))
@@ -707,7 +738,10 @@ def _step(rng: random.Random, model: Model, next_conn: Callable[[], int]) -> Non
         try:
             model.acquire(conn, size, count)
         except PoolExhaustedError:
-            assert arena.stats() == before
+            # nothing changed but that free slots may have given their pages back
+            after = arena.stats()
+            assert after["committed_bytes"] <= before["committed_bytes"]
+            assert without_memory(after) == without_memory(before)
         finally:
             alloc.fail = False
     elif roll < 0.75 and model.held[conn]:
@@ -770,7 +804,7 @@ def test_random_walk_keeps_every_invariant(seed: int) -> None:
     model.check()
     stats = arena.stats()
     assert all(c["leased"] == 0 for c in stats["classes"])
-    assert stats["oversize"] == {"leases": 0, "bytes": 0}
+    assert stats["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
 
 
 # ------------------------------------------------------------------ transit

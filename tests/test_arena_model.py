@@ -107,7 +107,13 @@ class ArenaModel(RuleBasedStateMachine):
             s.id: bytes(s.backing.tickets)  # type: ignore[attr-defined]
             for s in a._segments.values()
         }
-        return segs, conns, words, dict(a._transit), dict(a._orphans), a.stats()
+        # what a failed acquire may still change: free slots give their pages back
+        stats = a.stats()
+        for key in ("committed_bytes", "mapped_bytes"):
+            del stats[key]
+        for c in stats["classes"]:
+            del c["committed_bytes"]
+        return segs, conns, words, dict(a._transit), dict(a._orphans), stats
 
     def _class_slot(self, key: Key) -> bool:
         return key[0] not in self.oversize

@@ -90,7 +90,7 @@ def test_capacity_is_the_size_class(manager: shmpool.ManagerProcess) -> None:
 
 def test_oversize_lease(small_manager: shmpool.ManagerProcess) -> None:
     with small_manager.connect() as pool:
-        assert pool.stats()["oversize"] == {"leases": 0, "bytes": 0}
+        assert pool.stats()["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
         size = 300_000  # above max_size (256 KiB)
         lease = pool.acquire(size)
         assert len(lease.view) == size
@@ -101,13 +101,15 @@ def test_oversize_lease(small_manager: shmpool.ManagerProcess) -> None:
         assert held["oversize"]["leases"] == 1
         assert held["oversize"]["bytes"] == lease.capacity
         assert held["mapped_bytes"] >= lease.capacity
+        assert held["committed_bytes"] >= lease.capacity
         assert bytes(lease.view) == data
         lease.release()
         after = pool.stats()
-        assert after["oversize"] == {"leases": 0, "bytes": 0}
+        assert after["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
         assert after["mapped_bytes"] == held["mapped_bytes"] - lease.capacity
+        assert after["committed_bytes"] == held["committed_bytes"] - lease.capacity
         lease.release()  # idempotent for oversize leases too
-        assert pool.stats()["oversize"] == {"leases": 0, "bytes": 0}
+        assert pool.stats()["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
 
 
 def test_two_oversize_leases_are_distinct(small_manager: shmpool.ManagerProcess) -> None:
@@ -227,7 +229,7 @@ def test_pool_exhausted(small_manager: shmpool.ManagerProcess) -> None:
                 leases.append(hog.acquire(64 * KiB))
         assert len(leases) == 16
         stats = other.stats()
-        assert stats["mapped_bytes"] == stats["memory_limit"]
+        assert stats["committed_bytes"] == stats["memory_limit"]
         assert_balanced(stats)
         # Every class, and oversize, is out of budget for everyone.
         for size in (64 * KiB, 128 * KiB, 256 * KiB, 300 * KiB):
@@ -250,8 +252,8 @@ def test_oversize_beyond_budget_is_exhausted(small_manager: shmpool.ManagerProce
         with pytest.raises(shmpool.PoolExhaustedError):
             pool.acquire(2 * MiB)  # oversize and bigger than the whole budget
         stats = pool.stats()
-        assert stats["oversize"] == {"leases": 0, "bytes": 0}
-        assert stats["mapped_bytes"] == 0
+        assert stats["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
+        assert stats["committed_bytes"] == stats["mapped_bytes"] == 0
 
 
 def test_closed_pool(manager: shmpool.ManagerProcess) -> None:

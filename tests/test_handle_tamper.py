@@ -247,14 +247,14 @@ def _delay_shares(pool: shmpool.Pool, seconds: float) -> list[threading.Timer]:
     real_send = pool._send
     timers: list[threading.Timer] = []
 
-    def send(data: bytes, hello: bool = False) -> Any:
+    def send(data: bytes, hello: bool = False, counted: bool = True) -> Any:
         if isinstance(p.decode(data, max_size=p.MAX_REQUEST), p.Share):
             sock = pool._sock
             timer = threading.Timer(seconds, pool._send_on, (sock, data))
             timer.start()
             timers.append(timer)
             return sock
-        return real_send(data, hello)
+        return real_send(data, hello, counted)
 
     pool._send = send  # type: ignore[method-assign]
     return timers

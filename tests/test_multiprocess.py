@@ -108,7 +108,10 @@ def test_workers_share_the_pool(manager: shmpool.ManagerProcess, mp_context) -> 
         assert report["clients"] == 1  # one connection per worker process
         assert report["slots"] >= 3
         # all its leases are released: what its connection holds is its cache
-        assert report["leased"] == report["cached"] > 0
+        # every slot it holds is cached (or on its way back: a prefetch read
+        # while its Stats was answered may push the cache past its mark, and
+        # that Return follows the Stats)
+        assert 0 < report["cached"] <= report["leased"]
     pids = {r["pid"] for r in reports}
     assert len(pids) == WORKERS and os.getpid() not in pids
 
@@ -174,7 +177,7 @@ def test_worker_killed_while_holding_leases(manager_1m: shmpool.ManagerProcess, 
 
         after = wait_for(reclaimed)
         assert_balanced(after)
-        assert after["oversize"] == {"leases": 0, "bytes": 0}
+        assert after["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
         assert after["mapped_bytes"] == held["mapped_bytes"] - held["oversize"]["bytes"]
         # Exactly the bystander's slots are still leased; the dead worker's are free.
         (mine,) = [c for c in after["clients"] if c["name"] == "bystander"]
@@ -220,7 +223,7 @@ def test_killed_worker_memory_is_reusable(mp_context) -> None:
                 assert len({lease._slot.ref[:2] for lease in leases}) == 16
                 for lease in leases:
                     lease.release()
-                assert pool.stats()["mapped_bytes"] == 1 << 20
+                assert pool.stats()["committed_bytes"] == 1 << 20
         finally:
             if proc.is_alive():
                 proc.kill()

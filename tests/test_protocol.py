@@ -29,6 +29,7 @@ from shmpool.protocol import (
     SlotRef,
     Stats,
     StatsReply,
+    Usage,
     Welcome,
     decode,
     encode,
@@ -90,6 +91,10 @@ SAMPLES: list[Any] = [
     Error(13, "", ""),
     Recall(0, 4096, 8),
     Recall(0, MAX_BUFFER, 2**32),
+    Recall(0, 0, 1),
+    Usage(14),
+    Usage(15, ((12, 4096), (0, 1)), ((48, MAX_ID),)),
+    Usage(16, tuple((k, k) for k in range(49)), tuple((k, 1) for k in range(49))),
 ]
 
 
@@ -273,8 +278,15 @@ BAD_CONSTRUCTIONS: list[tuple[str, Any, tuple[Any, ...], type[Exception]]] = [
     ("error code too long", Error, (0, "c" * 1025, "m"), ValueError),
     ("recall count zero", Recall, (0, 4096, 0), ValueError),
     ("recall count too big", Recall, (0, 4096, 2**32 + 1), ValueError),
-    ("recall slot_size zero", Recall, (0, 0, 1), ValueError),
+    ("recall slot_size negative", Recall, (0, -1, 1), ValueError),
     ("recall count bool", Recall, (0, 4096, True), TypeError),
+    ("usage k too big", Usage, (0, ((49, 1),)), ValueError),
+    ("usage k twice", Usage, (0, ((3, 1), (3, 2))), ValueError),
+    ("usage n negative", Usage, (0, (), ((3, -1),)), ValueError),
+    ("usage pair short", Usage, (0, ((3,),)), ValueError),
+    ("usage not a list", Usage, (0, 5), ValueError),
+    ("usage too many", Usage, (0, tuple((k % 49, 1) for k in range(50))), ValueError),
+    ("usage n bool", Usage, (0, ((3, True),)), TypeError),
 ]
 
 

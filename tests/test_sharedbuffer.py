@@ -660,7 +660,7 @@ def test_oversize_growth(manager_1m: shmpool.ManagerProcess) -> None:
         for _ in range(10):
             buf.write(chunk)
         assert buf.capacity == 1 * MiB  # the largest class, not yet oversize
-        assert pool.stats()["oversize"] == {"leases": 0, "bytes": 0}
+        assert pool.stats()["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
         for _ in range(10):
             buf.write(chunk)
         assert buf.capacity >= 2 * MiB
@@ -676,7 +676,7 @@ def test_oversize_growth(manager_1m: shmpool.ManagerProcess) -> None:
         assert buf.getvalue() == chunk * 20 + pattern("more|", 3 * MiB)
         buf.close()
         stats = pool.stats()
-        assert stats["oversize"] == {"leases": 0, "bytes": 0}
+        assert stats["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
         assert_balanced(stats)
 
 
@@ -705,7 +705,7 @@ def test_pool_exhausted_leaves_buffer_unchanged(small_manager: shmpool.ManagerPr
         assert buf.getvalue() == written
         stats = pool.stats()
         assert_balanced(stats)
-        assert stats["mapped_bytes"] <= stats["memory_limit"]
+        assert stats["committed_bytes"] <= stats["memory_limit"]
         # Still usable within its capacity.
         room = buf.capacity - len(buf)
         buf.seek(0)
