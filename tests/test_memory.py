@@ -1260,9 +1260,10 @@ def run_in_small_dev_shm(script: str, *args: str, size: str = "8m") -> dict[str,
 
 
 _FILL = """
-import json, sys, shmpool
+import json, os, sys, shmpool
 timeout = None if sys.argv[1] == "default" else float(sys.argv[1])
-out = {}
+st = os.statvfs("/dev/shm")
+out = {"capacity": st.f_blocks * st.f_frsize}
 with shmpool.start(max_size="1MiB", memory="64MiB", acquire_wait=0.5) as mgr:
     with mgr.connect() as pool:
         leases = []
@@ -1301,12 +1302,14 @@ def test_a_full_dev_shm_gives_pool_exhausted_never_sigbus(timeout: str) -> None:
     none, and the budget is not spent).
     """
     out = run_in_small_dev_shm(_FILL, timeout)
-    assert 4 <= out["held"] < 8, out
+    # The tmpfs holds about 8 MiB (how the kernel rounds and whether a
+    # segment's header page fits beside eight slots varies): far below 64.
+    assert out["held"] >= 4 and out["held"] * MiB <= out["capacity"] < 16 * MiB, out
     assert "/dev/shm is full" in out.get("error", ""), out.get("error")
     assert out["intact"] and out["again"] == "again" and out["running"]
     assert_memory_books(out["full"])
     assert_memory_books(out["after"])
-    assert out["full"]["committed_bytes"] <= 8 * MiB
+    assert out["held"] * MiB <= out["full"]["committed_bytes"] <= (out["held"] + 1) * MiB
 
 
 _RECOMMIT = """
