@@ -67,6 +67,7 @@ from .errors import (
     LeaseClosedError,
     ManagerGoneError,
     PoolClosedError,
+    PoolExhaustedError,
     ProtocolError,
     ShmpoolError,
     StaleHandleError,
@@ -317,6 +318,7 @@ class Pool:
         self.manager_acquires = 0
         self._acquires = 0  # slow-path acquires, and hot-path ones without the C twin
         self._misses = 0
+        self._recall_returns = 0  # slots returned on the manager's recalls, ever
         fast = self.__dict__.get("acquire")
         if fast is not None:
             fast.hits = 0
@@ -444,9 +446,15 @@ class Pool:
             if pending:
                 self._await_prefetch(pending[0])  # its slots join the cache, or it was refused
             if not cache:
-                req = self._next_req()
-                request = p.encode_acquire(req, size, self._batch[index], self.cache_hits, wait)
-                cache.extend(self._grant(req, request, cache, wait))
+                cache.extend(
+                    self._grant_or_return(
+                        lambda req, wait: p.encode_acquire(
+                            req, size, self._batch[index], self.cache_hits, wait
+                        ),
+                        cache,
+                        wait,
+                    )
+                )
             self._ensure_janitor()
             first = cache.pop()
             if hot:
@@ -495,9 +503,11 @@ class Pool:
 
     def _acquire_oversize(self, size: int, wait: int = p.WAIT_DEFAULT) -> Lease:
         with self._lock:
-            req = self._next_req()
-            request = p.encode_acquire(req, size, 1, self.cache_hits, wait)
-            slots = self._grant(req, request, self._oversize_home, wait)
+            slots = self._grant_or_return(
+                lambda req, wait: p.encode_acquire(req, size, 1, self.cache_hits, wait),
+                self._oversize_home,
+                wait,
+            )
         self._acquires += 1
         self._misses += 1
         return make_lease(slots[0], size, self._meter)
@@ -515,6 +525,32 @@ class Pool:
             if slot.home is self._oversize_home and self._live():
                 self._call(p.Release(self._next_req(), (slot.ref,), self.cache_hits))
             self._unmap(slot.ref.segment)
+
+    def _grant_or_return(
+        self, encode: Callable[[int, int], bytes], home: Any, wait: int = p.WAIT_DEFAULT
+    ) -> list[_Slot]:
+        """Acquire through the manager (lock held); once more if it refused after
+        recalling this process's own idle slots, within what is left of ``wait``.
+
+        ``encode(req, wait)`` makes the Acquire. The manager recalls the
+        caches of every client, this one's too, for an acquire that memory
+        could serve; this one reads its recall before the refusal (one that
+        nobody else could help is refused at once), and the memory it gave
+        back may serve the second try.
+        """
+        started = time.monotonic()
+        returns = self._recall_returns
+        req = self._next_req()
+        try:
+            return self._grant(req, encode(req, wait), home, wait)
+        except PoolExhaustedError:
+            if self._recall_returns == returns:
+                raise
+            log.debug("refused after returning this process's idle slots: asking again")
+        if wait != p.WAIT_DEFAULT:
+            wait = max(0, wait - int((time.monotonic() - started) * 1000))
+        req = self._next_req()
+        return self._grant(req, encode(req, wait), home, wait)
 
     def _grant(
         self, req: int, request: bytes, home: Any, wait: int = p.WAIT_DEFAULT
@@ -610,24 +646,32 @@ class Pool:
         janitor finds the pool idle.
         """
         if msg.slot_size == 0:
-            if self._return_idle():
+            returned = self._return_idle()
+            if returned:
                 log.debug("returned every idle slot on recall")
         else:
-            self._return_recalled(msg.slot_size)
+            returned = self._return_recalled(msg.slot_size)
+        self._recall_returns += returned
         if self._notices and self._live():
             self._flush_notices()  # the manager's books catch up: it may recall elsewhere
 
-    def _return_recalled(self, slot_size: int) -> None:
-        """Give back the cached ``slot_size`` slots, and halve that class's batch (lock held)."""
+    def _return_recalled(self, slot_size: int) -> int:
+        """Give back the cached ``slot_size`` slots, and halve that class's batch (lock held).
+
+        Returns how many went back.
+        """
         if self._lent and self._live():
             self._reclaim_lent()  # those returned to us go back too
         index = slot_size.bit_length() - 1 - self._min_shift
         caches = self._caches_list()
-        if 0 <= index < len(caches):
-            self._batch[index] = max(1, self._batch[index] // 2)
-            caches[index].high = 2 * self._batch[index]
-            if self._return(caches[index], 0):
-                log.debug("returned idle %d-byte slots on recall", slot_size)
+        if not 0 <= index < len(caches):
+            return 0
+        self._batch[index] = max(1, self._batch[index] // 2)
+        caches[index].high = 2 * self._batch[index]
+        returned = self._return(caches[index], 0)
+        if returned:
+            log.debug("returned idle %d-byte slots on recall", slot_size)
+        return returned
 
     def _return_idle(self) -> int:
         """Give back every cached slot (lock held): the process sits idle."""

@@ -734,36 +734,34 @@ class Manager:
         waiter.why = why
         peer.parked = True
         self._waiting.append(waiter)
-        holders = waiter.recalled
         log.debug(
-            "client %d waits for %s-byte slots; recalled from %s", peer.id, slot_size, list(holders)
+            "client %d waits for %s-byte slots; recalled from %s",
+            peer.id,
+            slot_size,
+            sorted(waiter.recalled),
         )
         return True
 
     def _recall_for(self, waiter: _Waiter) -> bool:
         """Recall what may serve ``waiter``; False if no other client holds a slot.
 
-        Holders of its class return their idle slots of it; every client
-        holding slots (those holders too) returns its idle slots of every
-        class, whose pages serve any class once the budget is spent.
+        Every client holding slots (the waiter too: it reads recalls while it
+        waits) is asked for its idle slots of every class: a slot of the
+        waiter's class serves it, and the pages of any other class serve it
+        once the budget is spent. One kind of recall, so that one unread
+        recall never holds back another (``_recall``). Only other clients'
+        slots are worth waiting for.
         """
         arena = self.arena
         mine = waiter.peer.id
         waiter.next_recall = time.monotonic() + RECALL_EVERY
-        holders: dict[int, int] = {}
-        if waiter.slot_size is not None:
-            holders = arena.holders(waiter.slot_size)
-            holders.pop(mine, None)
-        for conn in holders:
-            holder = self._peers.get(conn)
-            if holder is not None:
-                self._recall(holder, waiter.slot_size or 0, waiter.msg.count)
-        waiter.recalled.update(holders)
-        found = bool(holders)
-        for other in self._peers.values():  # holders too: their other classes' pages serve
-            if other.id != mine and arena.held_by(other.id):
-                self._recall(other, EVERY_CLASS, 1)
-                found = True
+        found = False
+        for peer in self._peers.values():
+            if arena.held_by(peer.id):
+                self._recall(peer, EVERY_CLASS, waiter.msg.count)
+                if peer.id != mine:
+                    waiter.recalled.add(peer.id)
+                    found = True
         return found
 
     def _recall(self, peer: _Peer, slot_size: int, count: int) -> None:
@@ -787,7 +785,7 @@ class Manager:
                 and self.arena.held_by(peer.id, waiter.slot_size)
             ):
                 waiter.recalled.add(peer.id)
-                self._recall(peer, waiter.slot_size, waiter.msg.count)
+                self._recall(peer, EVERY_CLASS, waiter.msg.count)
 
     def _serve_waiting(self) -> None:
         """Memory came back: grant parked acquires, first come first served per class."""

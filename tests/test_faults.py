@@ -428,9 +428,10 @@ def test_a_prefetch_is_refused_at_once_and_recalls_nothing() -> None:
     """``Acquire(wait=0)`` on a spent budget: an ``exhausted`` Error now, no park, no Recall.
 
     R1 holds every slot. R2's prefetch is refused at once; its ordinary
-    acquire then parks and recalls. The Recall R1 gets is the ordinary
-    acquire's (count 3): had the prefetch recalled, the first would carry
-    its count, 5. Once R1 returns slots, the parked acquire is served.
+    acquire then parks and recalls (every class: the budget is spent). The
+    Recall R1 gets is the ordinary acquire's (count 3): had the prefetch
+    recalled, the first would carry its count, 5. Once R1 returns slots, the
+    parked acquire is served.
     """
     size = 64 << 10
     with shmpool.start(min_size="64KiB", max_size="64KiB", memory="1MiB") as mgr:
@@ -446,7 +447,7 @@ def test_a_prefetch_is_refused_at_once_and_recalls_nothing() -> None:
             r2.send_raw(protocol.encode(protocol.Acquire(req, size, 3)))  # parks
             recall = r1.receive()
             assert isinstance(recall, protocol.Recall)
-            assert (recall.slot_size, recall.count) == (size, 3)
+            assert (recall.slot_size, recall.count) == (0, 3)
 
             r1.send_raw(protocol.encode(protocol.Return(r1.next_req(), grant.slots[:3])))
             served = r2.receive()

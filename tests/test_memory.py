@@ -971,6 +971,102 @@ def test_a_quiet_client_is_asked_for_its_cache(pinger: Pinger) -> None:
                 pool.close()
 
 
+# ------------------------------------------- a waiter's memory in any cache
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_an_acquire_takes_the_memory_of_its_own_processes_cache(timeout: float | None) -> None:
+    """The issue's measure without ``trim()``: one process fills the 1 MiB class,
+    releases everything to its cache (which keeps it: ``idle_timeout=None``), then
+    asks for 4 KiB and oversize buffers. No other client holds anything, so the
+    acquire with the default wait is refused at once, but only after the manager
+    recalled this process's cache; it asks again and is served."""
+    with (
+        shmpool.start(max_size="1MiB", memory="16MiB") as mgr,
+        shmpool.Pool(mgr.address, name="alone", idle_timeout=None) as pool,
+    ):
+        leases = []
+        with contextlib.suppress(PoolExhaustedError):
+            while True:
+                leases.append(pool.acquire(MiB, timeout=0))
+        assert len(leases) >= 12
+        for lease in leases:
+            lease.release()
+        assert pool.stats()["local"]["cached"] == {str(MiB): len(leases)}
+        leases.clear()
+        with pool.acquire(4 * KiB, timeout=timeout) as small:
+            small.view[:] = pattern("small", 4 * KiB)
+            with pool.acquire(3 * MiB, timeout=timeout) as big:  # oversize
+                big.view[:] = pattern("big", 3 * MiB)
+                assert diff(bytes(small.view), pattern("small", 4 * KiB)) == ""
+        stats = pool.stats()
+        assert stats["committed_bytes"] <= stats["memory_limit"]
+        assert_memory_books(stats)
+
+
+def _cache_keeper(address: str, conn: Connection) -> None:
+    """Holds one 4 MiB lease (a holder of the class the test asks for) and, on
+    ``"fill"``, fills the rest of the budget with 256 KiB slots and releases them
+    to its cache; ``"check"`` answers whether the lease kept its bytes."""
+    with shmpool.Pool(address, name="keeper", idle_timeout=None) as pool:
+        lease = pool.acquire(4 * MiB)
+        lease.view[:] = pattern("kept", 4 * MiB)
+        conn.send("ready")
+        while (cmd := conn.recv()) != "stop":
+            if cmd == "fill":
+                leases = []
+                with contextlib.suppress(PoolExhaustedError):
+                    while True:
+                        leases.append(pool.acquire(256 * KiB, timeout=0))
+                for each in leases:
+                    each.release()
+                conn.send(sum(pool.stats()["local"]["cached"].values()))
+            else:
+                conn.send(diff(bytes(lease.view), pattern("kept", 4 * MiB)))
+        lease.release()
+    conn.send("done")
+
+
+def test_a_holder_of_the_class_gives_its_other_classes_back_every_time(
+    mp_context: Any,
+) -> None:
+    """Another process holds a slot of the asked class and caches the rest of the
+    budget in another class. Round after round, the waiting acquire gets that
+    cache's pages. (BUG, fixed: from the second round on, the class recall sent to
+    the holder was still unread when the every-class one followed, and the
+    manager, which sends no recall twice while one is unread, skipped the one
+    that mattered: the acquire failed after its whole wait.)"""
+    with shmpool.start(max_size="4MiB", memory="16MiB", acquire_wait=5) as mgr:
+        parent, child = mp_context.Pipe()
+        proc = mp_context.Process(target=_cache_keeper, args=(mgr.address, child))
+        proc.start()
+        child.close()
+        try:
+            assert parent.poll(60) and parent.recv() == "ready"
+            with shmpool.Pool(mgr.address, name="asker") as pool:
+                for _ in range(3):
+                    parent.send("fill")
+                    assert parent.poll(60)
+                    assert parent.recv() >= 8  # 2 MiB+ cached in the 256 KiB class
+                    with pool.acquire(4 * MiB) as lease:
+                        lease.view[:] = pattern("asked", 4 * MiB)
+                        keeper = _entry(pool.stats(), "keeper")
+                        assert keeper["leased"] < 8  # its cache went back
+                    pool.trim()
+                parent.send("check")
+                assert parent.poll(60) and parent.recv() == ""
+                assert_memory_books(pool.stats())
+            parent.send("stop")
+            assert parent.poll(60) and parent.recv() == "done"
+        finally:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            parent.close()
+        assert proc.exitcode == 0
+
+
 # ----------------------------------- pages of slots that are out are never freed
 
 #: Idle passes every 50 ms: many during the test, and a client is taken for
