@@ -1407,6 +1407,7 @@ class Pool:
                 home = self._caches[max(0, size.bit_length() - 1 - self._min_shift)]
             slots = self._granted(reply, fds, home)
             meter = self._meter  # this connection's, as home is
+            self._ensure_janitor()  # recalls answered, usage reported, idle cache returned
         slot = slots[0]
         if readers:
             slot.view = slot.view.toreadonly()

@@ -116,6 +116,42 @@ def test_detach_and_attach_move_the_bytes(pool: shmpool.Pool, manager: Any) -> N
         assert requested(pool) == {}
 
 
+def _attach_only(address: str, handle: shmpool.Handle, conn: Connection) -> None:
+    """A consumer: attaches one handle, never acquires nor asks for stats, and waits."""
+    with shmpool.Pool(address, name="consumer") as pool:
+        lease = pool.attach(handle)
+        conn.send(len(lease.view))
+        conn.recv()  # until the test has seen the report
+        lease.release()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_process_that_only_attaches_reports_its_usage(
+    pool: shmpool.Pool, manager: Any, method: str
+) -> None:
+    """Its janitor starts with the first attach: the manager hears of the open
+    bytes within ``USAGE_PERIOD`` although the process sends nothing else."""
+    ctx = multiprocessing.get_context(method)
+    handle = pool.acquire(5000).detach()
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_attach_only, args=(manager.address, handle, theirs))
+    proc.start()
+    theirs.close()
+    try:
+        assert ours.poll(60) and ours.recv() == 5000
+
+        def consumer() -> dict[str, Any]:
+            (entry,) = [c for c in pool.stats()["clients"] if c["name"] == "consumer"]
+            return entry  # type: ignore[no-any-return]
+
+        wait_for(lambda: consumer()["requested_bytes"] == 5000, timeout=10)
+        ours.send("done")
+    finally:
+        proc.join(30)
+        ours.close()
+    assert proc.exitcode == 0
+
+
 def test_a_share_counts_in_each_reader(pool: shmpool.Pool, manager: Any) -> None:
     with shmpool.Pool(manager.address, name="reader", idle_timeout=None) as reader:
         handle = pool.acquire(700).share(2)
