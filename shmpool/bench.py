@@ -437,7 +437,7 @@ IDLE_BURST = ((1 << 20, 16), (64 << 10, 64), (4 << 20, 4))
 #: Target: committed falls to this share of the burst's peak ...
 IDLE_LEFT = 0.05
 #: ... within this many times ``idle_release``.
-IDLE_WITHIN = 1.5
+IDLE_WITHIN = 2.0
 
 
 class Answer(NamedTuple):

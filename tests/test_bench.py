@@ -117,8 +117,8 @@ def _check_report(report: dict[str, Any], sizes: tuple[int, ...]) -> None:
 MEMORY_RATIOS = (
     "memory.shift acquires failed (count)",
     "memory.shift mixed peak committed/requested",
-    "memory.idle (free) committed left/peak at 1.5x idle_release",
-    "memory.idle (cached) committed left/peak at 1.5x idle_release",
+    "memory.idle (free) committed left/peak at 2x idle_release",
+    "memory.idle (cached) committed left/peak at 2x idle_release",
     "memory.recommit/memory.committed@64KiB",
     "memory.recommit/memory.committed@1MiB",
 )
