@@ -13,7 +13,6 @@ socket; workers write through a memoryview and give the slot back.
 from .address import ENV_VAR
 from .buffer import Lease
 from .client import Pool, connect
-from .client import _attach_anywhere as _attach_anywhere  # what an unpickled Lease calls
 from .embedded import ManagerProcess, start
 from .errors import (
     AccessDeniedError,
@@ -30,11 +29,15 @@ from .errors import (
 )
 from .handle import Handle
 from .manager import Manager
+from .registry import rebuild_buffer, rebuild_lease
 from .report import format_stats
 from .sharedbuffer import SharedBuffer
 from .sizeclass import parse_size
 
 __version__ = "0.1.0"
+
+#: The name pickles of leases used before ``rebuild_lease`` (they still load).
+_attach_anywhere = rebuild_lease
 
 __all__ = [
     "ENV_VAR",
@@ -59,5 +62,7 @@ __all__ = [
     "connect",
     "format_stats",
     "parse_size",
+    "rebuild_buffer",
+    "rebuild_lease",
     "start",
 ]

@@ -18,18 +18,37 @@ settle with the old one.
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from ._native import speedups
 from .errors import LeaseClosedError
 from .handle import Handle
 from .protocol import SlotRef
 from .sizeclass import MAX_SHIFT
 
-if TYPE_CHECKING:
-    from .client import Pool
+__all__ = ["Lease", "LeaseHome"]
 
-__all__ = ["Lease"]
+
+class LeaseHome(Protocol):
+    """What a lease calls in the pool it came from (a ``Pool``), and nothing else.
+
+    The slow half of each move a slot makes: a cache past its high-water
+    mark, an oversize or shared slot going back to the manager, a borrowed
+    slot going back to its lender, a detach, a pickling.
+    """
+
+    def _trim(self, cache: _Cache) -> None: ...
+
+    def _release_oversize(self, slot: _Slot) -> None: ...
+
+    def _release_shared(self, slot: _Slot) -> None: ...
+
+    def _give_back(self, slot: _Slot) -> None: ...
+
+    def _detach(self, lease: Lease, readers: int = 0) -> Handle: ...
+
+    def _hand_off(self, lease: Lease) -> tuple[int, ...]: ...
 
 
 class _Cache(list):  # type: ignore[type-arg]
@@ -37,7 +56,7 @@ class _Cache(list):  # type: ignore[type-arg]
 
     __slots__ = ("cls", "high", "pool")
 
-    def __init__(self, pool: Pool, cls: int, high: int) -> None:
+    def __init__(self, pool: LeaseHome, cls: int, high: int) -> None:
         super().__init__()
         self.pool = pool
         self.cls = cls
@@ -50,7 +69,7 @@ class _OversizeHome:
     __slots__ = ("pool",)
     high = 1
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: LeaseHome) -> None:
         self.pool = pool
 
     def append(self, slot: _Slot) -> None:
@@ -228,12 +247,8 @@ def _still_exported(cause: BufferError) -> BufferError:
     )
 
 
-try:
-    if os.environ.get("SHMPOOL_NO_SPEEDUPS", "0") not in ("", "0"):
-        raise ImportError("disabled by SHMPOOL_NO_SPEEDUPS")
-    from . import _speedups  # type: ignore[attr-defined]
-except ImportError:
-    _speedups = None
+_speedups: Any = speedups
+if _speedups is None:
     _LeaseBase: Any = _PyLeaseBase
     _Meter: Any = _PyMeter
 else:
@@ -332,7 +347,7 @@ class Lease(_LeaseBase):  # type: ignore[misc]
         # (__reduce__ is the base's: in C, the common case of this, else this.)
         if self._view is None:
             raise LeaseClosedError("this lease was released or detached already")
-        return (_unpickle, self._slot.home.pool._hand_off(self))
+        return (_rebuild, self._slot.home.pool._hand_off(self))
 
     def __repr__(self) -> str:
         ref = self._slot.ref
@@ -344,9 +359,22 @@ class Lease(_LeaseBase):  # type: ignore[misc]
 _new_lease = object.__new__
 
 
-def _unpickle(*fields: int) -> Lease:
-    """Stands in until ``shmpool.client`` (which imports this module) sets the real one."""
-    raise RuntimeError("shmpool.client is not imported")  # pragma: no cover
+def _not_configured(*fields: int) -> Lease:
+    raise RuntimeError("shmpool.registry is not imported")  # pragma: no cover
+
+
+#: What a pickled Lease names to rebuild it: ``registry.rebuild_lease``.
+_rebuild: Callable[..., Lease] = _not_configured
+
+
+def configure_pickling(rebuild: Callable[..., Lease]) -> None:
+    """Name ``rebuild`` (called with a handle's fields) in the pickles of leases.
+
+    ``shmpool.registry`` calls it once, at import: this module cannot import
+    the registry, which imports it.
+    """
+    global _rebuild
+    _rebuild = rebuild
 
 
 def make_lease(slot: _Slot, size: int, meter: Any = None) -> Lease:

@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
-from . import buffer as _buffer
 from . import protocol as p
+from ._native import speedups
 from .address import resolve
 from .buffer import (
     Lease,
@@ -108,7 +108,7 @@ USAGE_PERIOD = 0.5
 _SHARE_TOKENS = 1 << 63
 
 _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
-_speedups: Any = vars(_buffer)["_speedups"]
+_speedups: Any = speedups
 if _speedups is not None:
     _speedups.configure_handoff(p.SlotRef, Lease, NOTICE_BATCH, _Borrowed)
 
@@ -135,7 +135,7 @@ def _before_fork() -> None:
         _forker.thread = threading.get_ident()
     for janitor in janitors:  # those of closed pools too, which may not have ended yet
         pool = janitor._pool()
-        if pool is not None and pool._janitor is janitor:
+        if isinstance(pool, Pool) and pool._janitor is janitor:
             pool._janitor = None  # the thread sees this and ends
             _paused.append(pool)
         janitor.wake()
@@ -281,6 +281,8 @@ class Pool:
         self._broken: ManagerGoneError | None = None
         self._segments: dict[int, _Segment] = {}
         self._janitor: Janitor | None = None
+        self._idle_seen = -1  # the activity count at the janitor's last tick
+        self._idle_since = time.monotonic()  # when the cache was last in use
         self.client_id = -1
         self._tickets_on = False
         self._token: Any = None  # ticket_token with this connection's key
@@ -726,11 +728,54 @@ class Pool:
     def _ensure_janitor(self) -> None:
         """Start the janitor thread, or a new one if it ended (not for a pool out of use)."""
         if (self._janitor is None or not self._janitor.is_alive()) and self._live():
+            self._idle_seen = -1  # the activity count at the last tick
+            self._idle_since = time.monotonic()
             self._janitor = Janitor(self)
             self._janitor.start()
 
+    def tick(self) -> bool:
+        """One round of this pool's background work; the janitor thread calls it.
+
+        Answers what the manager sent unasked (recalls, or end-of-file when
+        it died), sends queued handoff notices, takes back lent slots that
+        came back, reports usage if it changed (at most every
+        ``USAGE_PERIOD``), and returns the cache once it sat unused for
+        ``idle_timeout``. It never blocks: if another thread holds the pool
+        (talking to the manager, and handling recalls itself meanwhile) it
+        returns False at once. Calling it by hand is harmless.
+
+        Raises:
+            ManagerGoneError: the manager is gone (the pool is broken then).
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._live():
+                self._tick()
+        finally:
+            self._lock.release()
+        return True
+
+    def _tick(self) -> None:
+        """``tick()``, the lock held."""
+        self._poll_manager()
+        if self._notices:
+            self._flush_notices()  # handoffs the manager has not heard of yet
+        if self._lent:
+            self._reclaim_lent()  # lent slots returned, or whose handles expired
+        self._report_usage(due_only=True)  # if it changed, at most every USAGE_PERIOD
+        now = time.monotonic()
+        idle = self.idle_timeout
+        activity = self._activity()
+        if activity != self._idle_seen:
+            self._idle_seen, self._idle_since = activity, now
+        elif idle is not None and now - self._idle_since >= idle:
+            if self._return_idle():
+                log.debug("returned an idle cache after %.1f s", now - self._idle_since)
+            self._idle_since = now
+
     def _janitor_failed(self, cause: BaseException, failures: int) -> None:
-        """The janitor failed ``failures`` ticks in a row and ends (lock held): break the pool.
+        """The janitor failed ``failures`` ticks in a row and ends: break the pool.
 
         Without it recalls go unanswered and an idle cache never goes back,
         so from now on every call that needs the manager raises, naming the
@@ -739,6 +784,10 @@ class Pool:
         this process's, not given to another process while this one may
         still write them; ``close()`` returns them.
         """
+        with self._lock:
+            self._break_for_janitor(cause, failures)
+
+    def _break_for_janitor(self, cause: BaseException, failures: int) -> None:
         try:
             for req in list(self._prefetching):
                 self._await_prefetch(req)  # its slots are cached ones too
@@ -1560,72 +1609,10 @@ def connect(
     return Pool(address, name=name, timeout=timeout)
 
 
-def _pool_for(handle: Handle) -> Pool:
-    """A live pool of this process connected to the manager that issued ``handle``.
+def live_pools() -> list[Pool]:
+    """The pools of this process that are open and usable (in no particular order)."""
+    return [pool for pool in list(_POOLS) if pool._live()]
 
-    The last one found is tried first: a process that unpickles many leases
-    should not walk every pool for each.
-    """
-    global _last_pool
-    pool = _last_pool()
-    if pool is not None and pool.manager_instance == handle.instance and pool._live():
-        return pool
-    for pool in list(_POOLS):
-        if pool._live() and pool.manager_instance == handle.instance:
-            break
-    else:
-        pool = _default_pool()
-    _last_pool = weakref.ref(pool)
-    return pool
-
-
-def _no_pool() -> Pool | None:
-    return None
-
-
-_last_pool: Callable[[], Pool | None] = _no_pool
-
-
-_fast_take = _speedups.take if _speedups is not None else None
-
-
-def _attach_anywhere(*fields: int) -> Lease:
-    """Unpickle a Lease: attach its handle (given field by field) in a pool of this process."""
-    pool = _last_pool()
-    if pool is not None and pool.manager_instance == fields[0] and _fast_take is not None:
-        lease: Lease | None = _fast_take(pool, fields)  # Pool._take, called straight
-        if lease is not None:
-            return lease
-    handle = Handle(*fields)
-    return _pool_for(handle).attach(handle)
-
-
-# Pickles name it ``shmpool._attach_anywhere``: a module name without a dot
-# saves the pickler and the unpickler an import step each (0.1 µs apiece).
-# (Pickles that name shmpool.client._attach_anywhere load as well.)
-_attach_anywhere.__module__ = "shmpool"
 
 if _speedups is not None:
     _speedups.configure_members(Pool, _Segment)
-
-_buffer._unpickle = _attach_anywhere  # what Lease.__reduce__ names
-if _speedups is not None:  # and what the C Lease.__reduce__ names
-    _speedups.configure_pickling(_attach_anywhere)
-
-
-def _attach_buffer_anywhere(handle: Handle) -> SharedBuffer:
-    """Unpickle a SharedBuffer."""
-    return _pool_for(handle).attach_buffer(handle)
-
-
-_default: Pool | None = None
-_default_lock = threading.Lock()
-
-
-def _default_pool() -> Pool:
-    """The pool unpickled leases attach to when none is open: ``connect()``."""
-    global _default
-    with _default_lock:
-        if _default is None or not _default._live():
-            _default = Pool(name="shmpool-unpickle")
-        return _default

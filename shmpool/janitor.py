@@ -5,16 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import ShmpoolError
 
-if TYPE_CHECKING:
-    from .client import Pool
-
-__all__ = ["JANITOR_FAILURES", "JANITOR_PERIOD", "Janitor"]
+__all__ = ["JANITOR_FAILURES", "JANITOR_PERIOD", "Janitor", "Tended"]
 
 log = logging.getLogger("shmpool")
 
@@ -22,6 +18,24 @@ log = logging.getLogger("shmpool")
 JANITOR_PERIOD = 0.05
 #: Ticks in a row that may fail before the janitor gives up and breaks its pool.
 JANITOR_FAILURES = 5
+
+
+class Tended(Protocol):
+    """What a janitor works for (a ``Pool``): all its work is one ``tick()``."""
+
+    @property
+    def idle_timeout(self) -> float | None: ...
+
+    @property
+    def _janitor(self) -> Janitor | None: ...
+
+    def tick(self) -> bool:
+        """One round of the pool's background work; False if another thread was busy."""
+        ...
+
+    def _live(self) -> bool: ...
+
+    def _janitor_failed(self, cause: BaseException, failures: int) -> None: ...
 
 
 class Janitor(threading.Thread):
@@ -45,13 +59,11 @@ class Janitor(threading.Thread):
     leaving recalls unanswered.
     """
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Tended) -> None:
         super().__init__(name=f"shmpool-janitor-{os.getpid()}", daemon=True)
         self._pool = weakref.ref(pool)
         self._wake = threading.Event()
         self._pid = os.getpid()
-        self._seen = -1  # the pool's activity count at the last tick
-        self._idle_since = time.monotonic()
         self._failures = 0  # ticks failed in a row
 
     def wake(self) -> None:
@@ -68,23 +80,22 @@ class Janitor(threading.Thread):
             if self._wake.wait(period):
                 self._wake.clear()
             pool = self._pool()
-            if pool is None or not pool._lock.acquire(blocking=False):
-                continue  # busy talking to the manager: it handles recalls itself
+            if pool is None:
+                return
             try:
                 if not self._serves(pool) or not self._tick_safely(pool):
                     return
             finally:
-                pool._lock.release()
                 del pool
 
-    def _serves(self, pool: Pool) -> bool:
+    def _serves(self, pool: Tended) -> bool:
         """Whether this thread still works for ``pool`` (not closed, broken, forked, replaced)."""
         return os.getpid() == self._pid and pool._janitor is self and pool._live()
 
-    def _tick_safely(self, pool: Pool) -> bool:
-        """One tick (lock held); False when the thread must end."""
+    def _tick_safely(self, pool: Tended) -> bool:
+        """One tick; False when the thread must end."""
         try:
-            self._tick(pool)
+            pool.tick()
         except Exception as exc:
             if isinstance(exc, ShmpoolError) and not pool._live():
                 log.debug("janitor stopping: %s", exc)  # the manager is gone: the pool says so
@@ -101,19 +112,3 @@ class Janitor(threading.Thread):
             return False
         self._failures = 0
         return True
-
-    def _tick(self, pool: Pool) -> None:
-        pool._poll_manager()
-        if pool._notices:
-            pool._flush_notices()  # handoffs the manager has not heard of yet
-        if pool._lent:
-            pool._reclaim_lent()  # lent slots returned, or whose handles expired
-        pool._report_usage(due_only=True)  # if it changed, at most every USAGE_PERIOD
-        now = time.monotonic()
-        idle = pool.idle_timeout
-        if pool._activity() != self._seen:
-            self._seen, self._idle_since = pool._activity(), now
-        elif idle is not None and now - self._idle_since >= idle:
-            if pool._return_idle():
-                log.debug("returned an idle cache after %.1f s", now - self._idle_since)
-            self._idle_since = now

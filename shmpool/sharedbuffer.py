@@ -26,23 +26,46 @@ from __future__ import annotations
 import io
 import operator
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .buffer import Lease
 from .errors import LeaseClosedError
 from .handle import Handle
 from .protocol import seal_token
 
-if TYPE_CHECKING:
-    from .client import Pool
+__all__ = ["BufferHome", "SharedBuffer", "configure_pickling"]
 
-__all__ = ["SharedBuffer"]
+
+class BufferHome(Protocol):
+    """What a SharedBuffer needs of its pool (a ``Pool``): leases to grow into."""
+
+    def acquire(self, size: int, timeout: float | None = None) -> Lease: ...
+
+
+def _not_configured(handle: Handle) -> SharedBuffer:
+    raise RuntimeError("shmpool.registry is not imported")  # pragma: no cover
+
+
+#: What a pickled SharedBuffer names to rebuild it: ``registry.rebuild_buffer``.
+_rebuild: Callable[[Handle], SharedBuffer] = _not_configured
+
+
+def configure_pickling(rebuild: Callable[[Handle], SharedBuffer]) -> None:
+    """Name ``rebuild`` (called with a handle) in the pickles of shared buffers.
+
+    ``shmpool.registry`` calls it once, at import (it imports this module).
+    """
+    global _rebuild
+    _rebuild = rebuild
 
 
 class SharedBuffer(io.BufferedIOBase):
     """A growable, seekable byte buffer whose bytes live in a pooled slot."""
 
-    def __init__(self, pool: Pool, size_hint: int = 0, *, _lease: Lease | None = None) -> None:
+    def __init__(
+        self, pool: BufferHome, size_hint: int = 0, *, _lease: Lease | None = None
+    ) -> None:
         super().__init__()
         if type(size_hint) is not int or size_hint < 0:
             raise ValueError(f"size_hint must be a non-negative int, not {size_hint!r}")
@@ -257,9 +280,7 @@ class SharedBuffer(io.BufferedIOBase):
         return handle._replace(token=seal_token(token, length, capacity, readers), length=length)
 
     def __reduce__(self) -> tuple[Any, tuple[Handle]]:
-        from .client import _attach_buffer_anywhere
-
-        return (_attach_buffer_anywhere, (self.detach(),))
+        return (_rebuild, (self.detach(),))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"len={self._len} capacity={self.capacity}"

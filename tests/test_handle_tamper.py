@@ -82,7 +82,7 @@ def make_handle(kind: str, sender: shmpool.Pool, middle: shmpool.Pool) -> tuple[
     lease.view[:] = data
     if kind == "pickled":
         fn, fields = lease.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-        assert fn is shmpool._attach_anywhere
+        assert fn is shmpool.rebuild_lease
         return Handle(*fields), data
     if kind.startswith("shared"):
         return lease.share(readers=1), data

@@ -491,8 +491,9 @@ def test_the_c_token_is_fresh_for_every_lend(mgr: shmpool.ManagerProcess) -> Non
         assert_balanced(a.stats())
 
 
-def test_a_pickled_lease_names_the_package(mgr: shmpool.ManagerProcess) -> None:
-    """Pickles name ``shmpool._attach_anywhere``; one naming ``shmpool.client`` still loads."""
+def test_a_pickled_lease_names_the_public_rebuild_function(mgr: shmpool.ManagerProcess) -> None:
+    """Pickles name ``shmpool.registry.rebuild_lease``; one naming ``shmpool._attach_anywhere``
+    (the name before it, under the same protocol version) still loads."""
     import pickle
 
     with mgr.connect() as a, mgr.connect() as b:
@@ -500,15 +501,17 @@ def test_a_pickled_lease_names_the_package(mgr: shmpool.ManagerProcess) -> None:
         lease = a.acquire(SIZE)
         lease.view[:2] = b"hi"
         data = pickle.dumps(lease)
-        assert b"shmpool.client" not in data and b"\x07shmpool" in data
+        assert b"shmpool.registry" in data and b"rebuild_lease" in data
+        assert b"shmpool.client" not in data
         got = pickle.loads(data)
         assert bytes(got.view[:2]) == b"hi"
         got.release()
         lease = a.acquire(SIZE)
         lease.view[:2] = b"ho"
-        fields = lease.__reduce__()[1]
+        fn, fields = lease.__reduce__()
+        assert fn is shmpool.rebuild_lease
         args = pickle.dumps(fields, 2)[2:-1]  # the tuple's opcodes, without header and STOP
-        older = b"\x80\x02cshmpool.client\n_attach_anywhere\n" + args + b"R."
+        older = b"\x80\x02cshmpool\n_attach_anywhere\n" + args + b"R."
         got = pickle.loads(older)
         assert bytes(got.view[:2]) == b"ho"
         got.release()

@@ -33,7 +33,7 @@ from conftest import wait_for
 import shmpool
 from shmpool import buffer, client
 from shmpool import protocol as p
-from shmpool.janitor import JANITOR_PERIOD, Janitor
+from shmpool.janitor import JANITOR_PERIOD
 
 MiB = 1 << 20
 FAKE_MIN, FAKE_MAX = 4096, MiB
@@ -553,13 +553,13 @@ def test_the_janitor_reports_changes_at_most_every_period(
     fake: Fake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ticks = [0]
-    tick = Janitor._tick
+    tick = shmpool.Pool._tick
 
-    def counted(self: Janitor, pool: shmpool.Pool) -> None:
+    def counted(self: shmpool.Pool) -> None:
         ticks[0] += 1
-        tick(self, pool)
+        tick(self)
 
-    monkeypatch.setattr(Janitor, "_tick", counted)
+    monkeypatch.setattr(shmpool.Pool, "_tick", counted)
     period = client.USAGE_PERIOD
     connected = time.monotonic()
     with shmpool.Pool(fake.path, name="janitor", idle_timeout=None) as pool:
