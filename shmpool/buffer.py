@@ -92,7 +92,8 @@ class _Borrowed(_OversizeHome):
     """Where a slot lent by another process goes on release: back to its lender.
 
     Its ticket word says so (``Pool._give_back``); the lender takes it back
-    into its cache. No message is sent.
+    into its cache. With the C extension no message is sent; without it a
+    RETURNED notice is queued for the manager.
     """
 
     __slots__ = ()
