@@ -707,14 +707,17 @@ static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on,
  * built-in one, and its fast path is Pool._take, in C.) */
 static PyObject *attach_fn;
 
-/* protocol.ticket_word: the token mixed with the handle's generation. */
+/* The ticket word's encodings, bit for bit those of shmpool/ticket.py (the
+ * layout is drawn there); tests/test_ticket_word.py holds them to it. */
+
+/* ticket.ticket_word: the token mixed with the handle's generation. */
 static uint64_t
 ticket_word(uint64_t token, uint64_t generation)
 {
     return (token ^ (generation * 0x9E3779B97F4A7C15ULL)) & 0x3FFFFFFFFFFFFFFFULL;
 }
 
-/* protocol.seal_token: the token a Handle carries, sealed with the handle's
+/* ticket.seal_token: the token a Handle carries, sealed with the handle's
  * length, capacity and readers (each times an odd constant, XORed in); its
  * own inverse, so the same call unseals a handle's token. A receiver that
  * reads a changed field unseals a token that no ticket word and no record
@@ -727,21 +730,49 @@ seal_token(uint64_t token, uint64_t length, uint64_t capacity, uint64_t readers)
            0x3FFFFFFFFFFFFFFFULL;
 }
 
-/* protocol.LENT: the bit of a ticket word that a lender published. */
+/* ticket.LENT: the bit of a ticket word that a lender published. */
 #define LENT (1ULL << 62)
 
-/* protocol.returned_word: bit 63 and the generation's low 31 bits (client 0). */
+/* ticket.returned_word: bit 63 and the generation's low 31 bits (client 0). */
 static uint64_t
 returned_word(uint64_t generation)
 {
     return (1ULL << 63) | ((generation & 0x7FFFFFFFULL) << 32);
 }
 
-/* protocol.claim_word: returned_word with the claimer's client id. */
+/* ticket.claim_word: returned_word with the claimer's client id. */
 static uint64_t
 claim_word(uint64_t client_id, uint64_t generation)
 {
     return returned_word(generation) | (client_id & 0xFFFFFFFFULL);
+}
+
+/* ticket.lent_word: a lender's ticket. */
+static uint64_t
+lent_word(uint64_t token, uint64_t generation)
+{
+    return ticket_word(token, generation) | LENT;
+}
+
+/* ticket.is_returned: a claim by client 0. */
+static int
+is_returned(uint64_t word)
+{
+    return (word >> 63) && !(word & 0xFFFFFFFFULL);
+}
+
+/* ticket.word_low31: the generation's low 31 bits in a claim or returned word. */
+static uint64_t
+word_low31(uint64_t word)
+{
+    return (word >> 32) & 0x7FFFFFFFULL;
+}
+
+/* ticket.generation_at_least: the least generation >= floor with these low 31 bits. */
+static uint64_t
+generation_at_least(uint64_t low31, uint64_t floor)
+{
+    return floor + ((low31 - floor) & 0x7FFFFFFFULL);
 }
 
 #define NOTICE_DETACHED 0
@@ -1122,7 +1153,7 @@ take_impl(PyObject *pool, PyObject *fields)
     /* the lock is held from here to the end of this block */
     int ok = pool_connected(pool);
     if (ok > 0) { /* lent by its holder (the common case), or in the manager's keeping */
-        lent = ok = ticket_cas(tickets, idx, ticket_word(tok, gen) | LENT, claimed);
+        lent = ok = ticket_cas(tickets, idx, lent_word(tok, gen), claimed);
         if (ok == 0)
             ok = ticket_cas(tickets, idx, ticket_word(tok, gen), claimed);
     }
@@ -1180,7 +1211,7 @@ done:
     if (result == NULL && lent > 0) { /* no Lease: the slot stays lent, for its handle */
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
-        if (ticket_cas(tickets, idx, claimed, ticket_word(tok, gen) | LENT) < 0)
+        if (ticket_cas(tickets, idx, claimed, lent_word(tok, gen)) < 0)
             PyErr_Clear();
         PyErr_Restore(et, ev, tb);
     }
@@ -1209,7 +1240,7 @@ hand_off(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * so that it is never 0) from os.urandom, drawn 32 at a time (os.urandom
  * knows every system's source and its fallbacks). Only the ticket word it
  * goes into and the handle that carries it ever hold it: a borrower and the
- * manager compare a lent slot's word, never a key (protocol.token_maker's
+ * manager compare a lent slot's word, never a key (ticket.token_maker's
  * keyed hash is for handoffs the manager books from notices). A fork drops
  * the batch, so a child never repeats its parent's tokens. os.urandom may
  * let other threads run; each token is taken, and its place cleared, with
@@ -1291,7 +1322,7 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
         if (tok == 0)
             ok = -1;
         else {
-            word = ticket_word(tok, PyLong_AsUnsignedLongLongMask(generation) + 1) | LENT;
+            word = lent_word(tok, PyLong_AsUnsignedLongLongMask(generation) + 1);
             ok = ticket_cas(tickets, idx, 0, word);
         }
         if (ok > 0) {
@@ -1654,7 +1685,7 @@ reclaim(PyObject *module, PyObject *pool)
             Py_DECREF(tickets);
             continue;
         }
-        if (ok > 0 && (word >> 63) && !(word & 0xFFFFFFFFULL)) {
+        if (ok > 0 && is_returned(word)) {
             ok = ticket_cas(tickets, idx, word, 0);
             ok = ok < 0 ? -1 : ok + 1; /* 2: swapped, 1: it moved on meanwhile */
         }
@@ -1668,8 +1699,7 @@ reclaim(PyObject *module, PyObject *pool)
         }
         /* returned: the generation moves on by the hops it made */
         unsigned long long floor = PyLong_AsUnsignedLongLongMask(generation) + 1;
-        unsigned long long low = (word >> 32) & 0x7FFFFFFFULL;
-        PyObject *next = PyLong_FromUnsignedLongLong(floor + ((low - floor) & 0x7FFFFFFFULL));
+        PyObject *next = PyLong_FromUnsignedLongLong(generation_at_least(word_low31(word), floor));
         PyObject *fresh = next ? new_ref(SlotRefType, segment, PyTuple_GET_ITEM(ref, 1), next) : NULL;
         Py_XDECREF(next);
         if (fresh != NULL)
@@ -1793,7 +1823,7 @@ configure_members(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* seal_token(token, length, capacity, readers): protocol.seal_token, for the
+/* seal_token(token, length, capacity, readers): ticket.seal_token, for the
  * parity tests (every argument taken modulo 2**64). */
 static PyObject *
 seal_token_py(PyObject *module, PyObject *args)
@@ -1802,6 +1832,40 @@ seal_token_py(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "KKKK", &token, &length, &capacity, &readers))
         return NULL;
     return PyLong_FromUnsignedLongLong(seal_token(token, length, capacity, readers));
+}
+
+/* The ticket word's encodings above, callable for the parity tests under the
+ * names of their shmpool.ticket twins (every argument taken modulo 2**64). */
+#define WORD_FUNCTION_1(name)                                                  \
+    static PyObject *name##_py(PyObject *module, PyObject *args)               \
+    {                                                                          \
+        unsigned long long a;                                                  \
+        if (!PyArg_ParseTuple(args, "K", &a))                                  \
+            return NULL;                                                       \
+        return PyLong_FromUnsignedLongLong(name(a));                           \
+    }
+#define WORD_FUNCTION_2(name)                                                  \
+    static PyObject *name##_py(PyObject *module, PyObject *args)               \
+    {                                                                          \
+        unsigned long long a, b;                                               \
+        if (!PyArg_ParseTuple(args, "KK", &a, &b))                             \
+            return NULL;                                                       \
+        return PyLong_FromUnsignedLongLong(name(a, b));                        \
+    }
+WORD_FUNCTION_2(ticket_word)
+WORD_FUNCTION_2(lent_word)
+WORD_FUNCTION_2(claim_word)
+WORD_FUNCTION_1(returned_word)
+WORD_FUNCTION_1(word_low31)
+WORD_FUNCTION_2(generation_at_least)
+
+static PyObject *
+is_returned_py(PyObject *module, PyObject *args)
+{
+    unsigned long long word;
+    if (!PyArg_ParseTuple(args, "K", &word))
+        return NULL;
+    return PyBool_FromLong(is_returned(word));
 }
 
 /* call_soon(func): call func() in the main thread at its next bytecode
@@ -1855,7 +1919,18 @@ static PyMethodDef module_methods[] = {
     {"configure_pickling", configure_pickling, METH_O,
      "configure_pickling(client._attach_anywhere): what Lease.__reduce__ names"},
     {"seal_token", seal_token_py, METH_VARARGS,
-     "seal_token(token, length, capacity, readers) -> int (protocol.seal_token)"},
+     "seal_token(token, length, capacity, readers) -> int (ticket.seal_token)"},
+    {"ticket_word", ticket_word_py, METH_VARARGS,
+     "ticket_word(token, generation) -> int (ticket.ticket_word)"},
+    {"lent_word", lent_word_py, METH_VARARGS, "lent_word(token, generation) -> int (ticket.lent_word)"},
+    {"claim_word", claim_word_py, METH_VARARGS,
+     "claim_word(client_id, generation) -> int (ticket.claim_word)"},
+    {"returned_word", returned_word_py, METH_VARARGS,
+     "returned_word(generation) -> int (ticket.returned_word)"},
+    {"is_returned", is_returned_py, METH_VARARGS, "is_returned(word) -> bool (ticket.is_returned)"},
+    {"word_low31", word_low31_py, METH_VARARGS, "word_low31(word) -> int (ticket.word_low31)"},
+    {"generation_at_least", generation_at_least_py, METH_VARARGS,
+     "generation_at_least(low31, floor) -> int (ticket.generation_at_least)"},
     {"reclaim", reclaim, METH_O, "reclaim(pool) -> slots taken back (Pool._reclaim_lent, no expiry)"},
     {"carve", carve, METH_VARARGS, "carve(segments, slot_size, home, refs) -> [_Slot] or None"},
     {"slot_refs", slot_refs, METH_VARARGS, "slot_refs(value, SlotRef) -> tuple or None"},

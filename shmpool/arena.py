@@ -53,8 +53,6 @@ from typing import Any, Protocol
 
 from .errors import PoolExhaustedError, StaleHandleError
 from .protocol import (
-    CLAIMED,
-    LENT,
     MAX_BATCH,
     MAX_FDS,
     MAX_ID,
@@ -63,14 +61,27 @@ from .protocol import (
     NOTICE_WORDS,
     SegmentInfo,
     SlotRef,
+)
+from .sizeclass import MAX_SHIFT, Classes, format_size
+from .ticket import (
+    ANY_CLAIM,
+    ANY_LENT,
     claim_word,
     claimer_of,
+    claims_by,
     generation_at_least,
+    generation_low31,
+    is_claim_for,
+    is_claimed,
+    is_lent,
+    is_ticket,
+    lent_word,
     returned_word,
     ticket_word,
     token_maker,
+    token_of,
+    word_low31,
 )
-from .sizeclass import MAX_SHIFT, Classes, format_size
 
 __all__ = ["DEFAULT_SEGMENT_BYTES", "Arena", "Backing", "Grant"]
 
@@ -521,7 +532,7 @@ class Arena:
             value = self._ticket_load(seg, index)
             if value == 0:
                 return False
-            if value & CLAIMED:
+            if is_claimed(value):
                 claimer = self._claimer(seg, value)
                 if not self._ticket_cas(seg, index, value, 0):
                     continue
@@ -532,12 +543,12 @@ class Arena:
                     seg, index, claimer, self._claimed_generation(seg, index, claimer, value)
                 )
                 return True
-            if value & LENT:
+            if is_lent(value):
                 if seg.cls is None:
                     return False  # only class slots are lent: the word is garbage
                 self._orphan(seg, index, c, value, now, timeout)
                 return True
-            token = value ^ ticket_word(0, seg.generations[index] + 1)  # the word's token
+            token = token_of(value, seg.generations[index] + 1)
             self._put_in_transit(seg, index, c, token, now + timeout)
             return True
         self._orphan(seg, index, c, self._ticket_load(seg, index), now, timeout)
@@ -553,10 +564,10 @@ class Arena:
         still agree with it (the word may have been written over since).
         Never past ``MAX_GENERATION``: only a written word takes it there.
         """
-        low31 = word >> 32 & 0x7FFF_FFFF
+        low31 = word_low31(word)
         books = seg.generations[index]
         known = claimer.borrowed.pop((seg.id, index), None)
-        if known is not None and known & 0x7FFF_FFFF == low31 and _ahead(books, known):
+        if known is not None and generation_low31(known) == low31 and _ahead(books, known):
             return known
         return min(generation_at_least(low31, books), max(books, MAX_GENERATION))
 
@@ -601,11 +612,11 @@ class Arena:
         seg = self._segments[key[0]]
         index = key[1]
         value = self._ticket_load(seg, index)
-        claimer = self._claimer(seg, value) if value & CLAIMED else None
-        if value and not value & CLAIMED:  # a ticket: it waits for its handle's time
+        claimer = self._claimer(seg, value) if is_claimed(value) else None
+        if is_ticket(value):  # it waits for its handle's time
             if now is None:
                 return False
-            if value & LENT and value != entry[0]:
+            if is_lent(value) and value != entry[0]:
                 entry[0], entry[1] = value, now + entry[2]  # handed on: a new handle's time
                 return False
             if entry[1] > now:
@@ -630,7 +641,7 @@ class Arena:
         like its claim (written over) goes the same way: it names a slot
         that a live lender holds or that nobody does.
         """
-        mask, want = CLAIMED | 0xFFFF_FFFF, CLAIMED | c.id
+        mask, want = claims_by(c.id)
         orphans = []
         for seg in list(self._segments.values()):
             if not seg.header:
@@ -640,7 +651,7 @@ class Arena:
                 holder = seg.holders[index]
                 if value & mask != want or not (holder == ORPHAN or holder in self._conns):
                     continue
-                returned = self._ticket_cas(seg, index, value, returned_word(value >> 32))
+                returned = self._ticket_cas(seg, index, value, returned_word(word_low31(value)))
                 if returned and holder == ORPHAN:
                     orphans.append((seg.id, index))
         for key in orphans:  # each one looked at once, however many there are
@@ -692,7 +703,7 @@ class Arena:
             or not _ahead(seg.generations[index], ref.generation)
         ):
             return None
-        lent = ticket_word(token, ref.generation) | LENT
+        lent = lent_word(token, ref.generation)
         if holder == ORPHAN:  # its lender is gone: the slot becomes the client's
             if not self._ticket_cas(seg, index, lent, 0):
                 return None
@@ -812,7 +823,7 @@ class Arena:
                 cls.in_transit -= 1
                 cls.leased += 1
                 if cas is not None and seg.header:  # type: ignore[union-attr]
-                    word = CLAIMED | (generation & 0x7FFF_FFFF) << 32 | cid
+                    word = claim_word(cid, generation)
                     cas(seg.backing.tickets, 8 * index, word, 0)  # type: ignore[union-attr]
                 continue
             try:
@@ -874,7 +885,7 @@ class Arena:
         if self._ticket_cas(seg, index, ticket_word(token, generation), 0):
             return True
         value = self._ticket_load(seg, index)
-        if value == claim_word(claimer_of(value), generation) and self._claimer(seg, value):
+        if is_claim_for(value, generation) and self._claimer(seg, value):
             self._transit[(seg.id, index)] = (token, now + CLAIM_GRACE)
             return False  # claimed: its notice is on its way from that connection
         return True  # claimed by a client that died before saying so, or garbage: free it
@@ -933,7 +944,7 @@ class Arena:
             return True
         if self._tickets is None:
             return False
-        mask, want = CLAIMED | 0xFFFF_FFFF, CLAIMED | conn
+        mask, want = claims_by(conn)
         return any(
             seg.header and self._find_words(seg, mask, want) for seg in self._segments.values()
         )
@@ -1477,12 +1488,12 @@ class Arena:
             for seg in cls.segments:
                 if not seg.header:
                     continue
-                for index in self._find_words(seg, CLAIMED | LENT, LENT):
+                for index in self._find_words(seg, *ANY_LENT):
                     holder = seg.holders[index]
                     if holder in conns:
                         lent[i] += 1
                         shift[holder] = shift.get(holder, 0) - 1
-                for index in self._find_words(seg, CLAIMED, CLAIMED):
+                for index in self._find_words(seg, *ANY_CLAIM):
                     holder = seg.holders[index]
                     c = self._claimer(seg, self._ticket_load(seg, index))
                     if c is None or c.id == holder:

@@ -28,10 +28,8 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NamedTuple
@@ -40,6 +38,20 @@ import msgpack
 
 from .errors import ProtocolError
 from .sizeclass import MAX_SHIFT
+from .ticket import (  # the ticket word is defined there; these names stay exported here
+    CLAIMED,
+    LENT,
+    claim_word,
+    claimer_of,
+    generation_at_least,
+    is_returned,
+    lent_word,
+    returned_word,
+    seal_token,
+    ticket_token,
+    ticket_word,
+    token_maker,
+)
 
 _slot_refs: Callable[[Any, type], Any] | None
 try:  # the C extension checks slot lists (see _slots); SHMPOOL_NO_SPEEDUPS turns it off
@@ -445,129 +457,6 @@ class Notices(_Message):
         if len(items) != 2:
             raise TypeError("Notices is [req, [kind, segment, index, generation, token, ...]]")
         return cls(*items)
-
-
-_THREE_WORDS = struct.Struct("<3Q")
-
-#: A ticket word with this bit set records a claim (see ``claim_word``).
-CLAIMED = 1 << 63
-_LOW32 = 0xFFFF_FFFF
-
-
-def claim_word(client_id: int, generation: int) -> int:
-    """The ticket word of a slot that ``client_id`` claimed by a handle of ``generation``.
-
-    The generation's low 31 bits are in it, so that clearing a claim (a
-    compare-and-swap from this value) never clears a later claim of the same
-    slot by the same client. Client ids stay below 2**32.
-    """
-    return CLAIMED | (generation & 0x7FFF_FFFF) << 32 | (client_id & _LOW32)
-
-
-#: An odd 64-bit constant: ``ticket_word`` mixes the generation with it.
-_MIX = 0x9E37_79B9_7F4A_7C15
-
-
-def ticket_word(token: int, generation: int) -> int:
-    """The ticket word that publishes a handle of ``generation`` under ``token``.
-
-    The token mixed with the generation, so that the word matches only a
-    handle that names both: a receiver whose handle carries the genuine
-    token beside a changed generation finds a word that does not match, and
-    the handle is stale for it. Bit 63 stays clear (it marks claims); for
-    a given generation each token has its own word, so the manager can
-    recover the token from a word it reads.
-    """
-    return (token ^ generation * _MIX) & _TICKET_BITS
-
-
-#: The bits of a ticket word that hold the token mixed with the generation.
-_TICKET_BITS = (1 << 62) - 1
-#: A ticket word with this bit set (and bit 63 clear) is a lender's: see ``lent_word``.
-LENT = 1 << 62
-
-
-def lent_word(token: int, generation: int) -> int:
-    """The ticket word of a slot its holder lent out without telling the manager.
-
-    The lender keeps the slot in its books and watches the word: the
-    receiver claims it (``claim_word``), and when it lets go it writes
-    ``returned_word``, which the lender takes back into its cache. Nothing
-    passes through the manager unless a process dies or a handle expires.
-    """
-    return ticket_word(token, generation) | LENT
-
-
-#: Odd 64-bit constants ``seal_token`` multiplies a handle's fields by.
-_SEAL_LENGTH = 0xBF58_476D_1CE4_E5B9
-_SEAL_CAPACITY = 0x94D0_49BB_1331_11EB
-_SEAL_READERS = 0xFF51_AFD7_ED55_8CCD
-
-
-def seal_token(token: int, length: int, capacity: int, readers: int) -> int:
-    """The token a ``Handle`` carries for a handoff under ``token``, sealed with its fields.
-
-    Each of ``length``, ``capacity`` and ``readers`` times its own odd
-    constant, XORed into the token (62 bits kept), like ``ticket_word``
-    mixes in the generation. The call is its own inverse: a receiver
-    unseals ``handle.token`` with the handle's fields and gets the token of
-    the handoff back, the one the ticket word and the manager's books hold.
-    A handle with one of those fields changed unseals to another token,
-    which matches neither, so it is stale. A check against mistakes, not a
-    secret: whoever knows this function can reseal a changed field, which
-    is why the capacity and the read-only-ness are also checked against the
-    record (the receiver's mapping, or the manager's, which ``Attach``
-    asks). The C twin is ``_speedups.seal_token``.
-    """
-    return (
-        token ^ length * _SEAL_LENGTH ^ capacity * _SEAL_CAPACITY ^ readers * _SEAL_READERS
-    ) & _TICKET_BITS
-
-
-def returned_word(generation: int) -> int:
-    """The ticket word of a lent slot its last borrower let go of (a claim by client 0)."""
-    return CLAIMED | (generation & 0x7FFF_FFFF) << 32
-
-
-def is_returned(word: int) -> bool:
-    """True for a ``returned_word``."""
-    return word >> 63 == 1 and not word & _LOW32
-
-
-def generation_at_least(low31: int, floor: int) -> int:
-    """The least generation >= ``floor`` whose low 31 bits are ``low31`` (from a word)."""
-    return floor + ((low31 - floor) & 0x7FFF_FFFF)
-
-
-def claimer_of(word: int) -> int:
-    """The client id in a claimed ticket word."""
-    return word & _LOW32
-
-
-def ticket_token(key: int, segment: int, index: int, generation: int) -> int:
-    """The token a client with ``key`` puts on the handle of slot ``segment:index``.
-
-    A keyed hash (BLAKE2b) of the slot and the generation the handle names:
-    unguessable without ``key`` (which only the client and the manager know),
-    never 0, below 2**62, and different for every handoff. Because
-    the manager can compute it too, it can check a receiver's claim or
-    ``Attach`` before the sender's own notice arrives.
-    """
-    return token_maker(key)(segment, index, generation)
-
-
-def token_maker(key: int) -> Callable[[int, int, int], int]:
-    """``ticket_token`` with ``key`` bound, keyed once (a third of the cost per call)."""
-    keyed = hashlib.blake2b(digest_size=8, key=key.to_bytes(8, "little"))
-    pack = _THREE_WORDS.pack
-    from_bytes = int.from_bytes
-
-    def token(segment: int, index: int, generation: int) -> int:
-        h = keyed.copy()
-        h.update(pack(segment, index, generation))
-        return (from_bytes(h.digest(), "little") & _TICKET_BITS) | 1
-
-    return token
 
 
 @dataclass(frozen=True, slots=True)

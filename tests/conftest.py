@@ -26,8 +26,17 @@ SHM_DIR = "/dev/shm"
 SHM_PREFIX = "shmpool."
 START_METHODS = ("fork", "spawn", "forkserver")
 
+#: Bounds a wait for another process (a child's answer, its exit, the manager
+#: acting on something): poll/join/recv/get waits, subprocess timeouts, the
+#: default of ``wait_for``. Generous because CI machines are shared and slow;
+#: the wait normally ends in milliseconds, and a test that hits it has hung.
+#: Not for timeouts a test checks (``acquire(timeout=...)``, ``idle_release``).
+MP_TIMEOUT = 60.0
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.01) -> Any:
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = MP_TIMEOUT, interval: float = 0.01
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s.
 
     Returns the truthy value, so a test can use what it waited for.
@@ -78,6 +87,27 @@ def all_returned(stats: dict[str, Any]) -> bool:
         and stats["oversize"]["leases"] == 0
         and stats["oversize"]["bytes"] == 0
     )
+
+
+def _runs_start_methods(item: pytest.Item) -> bool:
+    """Whether ``item`` runs once per multiprocessing start method (or is one of those runs)."""
+    if "mp_context" in getattr(item, "fixturenames", ()):
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return False
+    return any(callspec.params.get(name) in START_METHODS for name in ("method", "start_method"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that runs over the start methods (fork/spawn/forkserver).
+
+    Other multi-process tests that take seconds carry ``@pytest.mark.slow`` themselves;
+    ``pytest -m "not slow and not bench and not lint"`` is the quick run.
+    """
+    for item in items:
+        if _runs_start_methods(item):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -45,7 +45,7 @@ PHASE_KEYS = {
 #: The CLI run is only worth it while it stays a smoke test.
 CLI_BUDGET = 60
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

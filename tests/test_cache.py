@@ -14,13 +14,12 @@ import time
 from typing import Any
 
 import pytest
-from conftest import all_returned, assert_balanced, client_entries, wait_for
+from conftest import MP_TIMEOUT, all_returned, assert_balanced, client_entries, wait_for
 
 import shmpool
 from shmpool.client import HOT_INTERVAL
 from shmpool.protocol import MAX_BATCH
 
-MP_TIMEOUT = 60
 #: The starvation manager: one 64 KiB class and a budget of exactly 16 slots.
 SLOT = 64 << 10
 STARVED = {"min_size": "64KiB", "max_size": "64KiB", "memory": "1MiB"}
@@ -506,7 +505,7 @@ def test_recall_frees_idle_cache_of_another_process(mp_context) -> None:
         finally:
             _stop_a(proc, finish, orders, results)
         assert proc.exitcode == 0
-        wait_for(lambda: all_returned(mgr.stats()), timeout=10)
+        wait_for(lambda: all_returned(mgr.stats()))
         assert_balanced(mgr.stats())
 
 
@@ -626,7 +625,7 @@ def test_killed_process_full_cache_comes_back(manager: shmpool.ManagerProcess, m
         os.kill(info["pid"], signal.SIGKILL)
         proc.join(MP_TIMEOUT)
         assert proc.exitcode == -signal.SIGKILL
-        wait_for(lambda: not client_entries(manager.stats(), info["pid"]), timeout=10)
+        wait_for(lambda: not client_entries(manager.stats(), info["pid"]))
         stats = manager.stats()
         assert all_returned(stats)
         assert_balanced(stats)

@@ -16,7 +16,7 @@ import time
 
 import msgpack
 import pytest
-from conftest import all_returned, assert_balanced, client_entries, shm_names, wait_for
+from conftest import MP_TIMEOUT, all_returned, assert_balanced, client_entries, shm_names, wait_for
 
 import shmpool
 from shmpool import protocol
@@ -35,7 +35,7 @@ def _pattern(tag: str, n: int) -> bytes:
 class RawClient:
     """A client that speaks the protocol by hand (and can speak it badly)."""
 
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, timeout: float = MP_TIMEOUT) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(timeout)
         self.sock.connect(address)
@@ -396,7 +396,7 @@ def test_client_that_never_reads_is_throttled_not_dropped(
                         sent.append(req)
                 return bool(manager.stats()["manager"]["throttled"])
 
-            wait_for(throttled, timeout=30)
+            wait_for(throttled)
             stats = pool.stats()
             limit = PEER_QUEUE_BYTES + protocol.MAX_REPLY
             assert 0 < stats["manager"]["queued_bytes"] <= limit
@@ -405,7 +405,7 @@ def test_client_that_never_reads_is_throttled_not_dropped(
             assert bytes(held.view) == _pattern("bystander", 5000)
             _healthy(manager, pool)
             # It reads at last: every reply comes, in order, and it is served again.
-            flood.sock.settimeout(10)
+            flood.sock.settimeout(MP_TIMEOUT)
             for req in sent:
                 reply = flood.receive()
                 assert isinstance(reply, protocol.StatsReply) and reply.req == req, reply

@@ -15,10 +15,11 @@ import sys
 import textwrap
 
 import pytest
+from conftest import MP_TIMEOUT
 
 from shmpool import buffer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 needs_warning_python = pytest.mark.skipif(
     sys.version_info < (3, 12), reason="Python before 3.12 never warns about fork with threads"
@@ -73,7 +74,7 @@ def test_fork_from_a_process_with_a_pool_prints_no_threads_warning(tmp_path) -> 
         [sys.executable, "-W", "always::DeprecationWarning", str(script)],
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=MP_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
     assert "done" in result.stdout

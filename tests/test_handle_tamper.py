@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import all_returned, assert_balanced, wait_for
+from conftest import MP_TIMEOUT, all_returned, assert_balanced, wait_for
 from test_handoff import pattern
 from test_handoff import slot_state as handoff_slot_state
 
@@ -38,7 +38,6 @@ KiB = 1024
 MiB = 1024 * KiB
 LENGTH = 5000  # an 8 KiB slot
 OVERSIZE = 2 * MiB + 100  # above max_size below
-MP_TIMEOUT = 60
 
 KINDS = ("detached", "pickled", "handed-on", "oversize", "shared", "shared-oversize")
 
@@ -168,6 +167,7 @@ def tamper_child(address: str, handle: Handle, conn: Any) -> None:
     conn.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["detached", "handed-on", "oversize", "shared", "shared-oversize"])
 def test_altered_handle_is_refused_in_a_fresh_process(

@@ -16,13 +16,12 @@ import signal
 from typing import Any
 
 import pytest
-from conftest import all_returned, assert_balanced, client_entries, wait_for
+from conftest import MP_TIMEOUT, all_returned, assert_balanced, client_entries, wait_for
 
 import shmpool
 
 KiB = 1024
 MiB = 1024 * KiB
-MP_TIMEOUT = 60
 #: Class sizes of the default manager, and one above the 1 MiB max_size used below.
 SIZES = (100, 5000, 70_000, 3 * MiB)
 
@@ -491,7 +490,7 @@ def test_expired_handle_is_refused_and_slot_comes_back() -> None:
         assert during["in_transit"] == 1
         assert_transit_balanced(during)
 
-        expired = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s, timeout=15)
+        expired = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s)
         assert_transit_balanced(expired)
         assert_balanced(expired)
         cls, hcls = class_of(expired, 8 * KiB), class_of(held, 8 * KiB)
@@ -640,7 +639,7 @@ def test_oversize_handle_expires() -> None:
         base = pool.stats()
         handle = pool.acquire(2 * MiB).detach()
         assert pool.stats()["oversize"]["leases"] == 1
-        gone = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s, timeout=15)
+        gone = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s)
         assert gone["oversize"] == {"leases": 0, "bytes": 0, "requested_bytes": 0}
         assert gone["mapped_bytes"] == base["mapped_bytes"]
         with pytest.raises(shmpool.StaleHandleError):
@@ -800,12 +799,13 @@ def test_leases_through_pool_map(manager: shmpool.ManagerProcess, mp_context) ->
             s = pool.stats()
             return not any(client_entries(s, pid) for pid in worker_pids) and s
 
-        stats = wait_for(workers_gone, timeout=30)
+        stats = wait_for(workers_gone)
         assert stats["in_transit"] == 0
         pool.trim()
         wait_for(lambda: all_returned(pool.stats()))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(MP_TIMEOUT * 2)
 def test_leases_through_pool_map_relying_on_the_environment(
     manager: shmpool.ManagerProcess,
@@ -863,7 +863,7 @@ def test_sender_killed_before_anyone_attaches(mp_context) -> None:
                 assert cls["in_transit"] == 1 and cls["leased"] == 0
                 assert_transit_balanced(dropped)
 
-                freed = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s, timeout=30)
+                freed = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s)
                 assert all_returned(freed)
                 assert_transit_balanced(freed)
                 assert_balanced(freed)

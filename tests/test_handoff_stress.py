@@ -16,7 +16,7 @@ import struct
 from typing import Any
 
 import pytest
-from conftest import assert_balanced, wait_for
+from conftest import MP_TIMEOUT, assert_balanced, wait_for
 
 import shmpool
 from shmpool import buffer
@@ -84,7 +84,7 @@ def test_a_ring_of_handoffs_survives_a_kill(method: str) -> None:
             proc.start()
         ours = [parent_end for parent_end, _ in seeds]
         for conn in ours:
-            assert conn.poll(60) and conn.recv()[0] == "ready"
+            assert conn.poll(MP_TIMEOUT) and conn.recv()[0] == "ready"
         with m.connect(name="feeder") as feeder:
             for ident in range(LEASES):
                 lease = feeder.acquire(SIZES[ident % len(SIZES)])
@@ -93,11 +93,11 @@ def test_a_ring_of_handoffs_survives_a_kill(method: str) -> None:
             # let the leases go round, then kill one worker in the middle of it all
             progress = 0
             while progress < 20:
-                assert ours[1].poll(60), "the ring stalled"
+                assert ours[1].poll(MP_TIMEOUT), "the ring stalled"
                 progress += ours[1].recv()[0] == "progress"
             victim = procs[1]
             os.kill(victim.pid, signal.SIGKILL)
-            victim.join(30)
+            victim.join(MP_TIMEOUT)
             # leases now sent to the dead worker are handles nobody attaches
             results = []
             for i in (0, 2):
@@ -105,7 +105,7 @@ def test_a_ring_of_handoffs_survives_a_kill(method: str) -> None:
                 while (msg := ours[i].recv())[0] != "done":
                     pass
                 results.append(msg)
-                procs[i].join(60)
+                procs[i].join(MP_TIMEOUT)
                 assert procs[i].exitcode == 0
             assert all(not torn for _, _, torn in results), results
             assert all(passed > 0 for _, passed, _ in results), results
@@ -121,7 +121,6 @@ def test_a_ring_of_handoffs_survives_a_kill(method: str) -> None:
                     and sum(c["leased"] for c in s["clients"]) == 0
                     and s
                 ),
-                timeout=30,
             )
             assert_balanced(stats)
             assert all(c["leased"] == 0 for c in stats["classes"])

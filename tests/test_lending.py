@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import all_returned, assert_balanced, client_entries, wait_for
+from conftest import MP_TIMEOUT, all_returned, assert_balanced, client_entries, wait_for
 from test_handoff import _reap, _recv, assert_transit_balanced, class_of, pattern
 from test_tickets import _pure, _token
 
@@ -47,7 +47,6 @@ KiB = 1024
 SIZE = 5000  # an 8 KiB slot (class 1 of a manager with min_size 4 KiB)
 SLOT = 8 * KiB
 CLASS = 1
-MP_TIMEOUT = 60
 
 
 # ------------------------------------------------------------ helpers
@@ -285,7 +284,7 @@ def test_a_killed_lenders_handle_expires(mp_context: Any) -> None:
         assert pool.stats()["in_transit"] == 1  # lent, unclaimed
         _kill(proc)
         _gone(pool, pid)
-        freed = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s, timeout=15)
+        freed = wait_for(lambda: (s := pool.stats())["in_transit"] == 0 and s)
         assert class_of(freed, SLOT)["in_transit"] == 0
         assert_transit_balanced(freed)
         assert_balanced(freed)
@@ -555,7 +554,7 @@ def test_stress_lending_among_three_pools(manager: shmpool.ManagerProcess) -> No
         assert_balanced(stats)
         for pool in pools:
             pool.trim()
-        wait_for(lambda: all_returned(pools[0].stats()), timeout=15)
+        wait_for(lambda: all_returned(pools[0].stats()))
         assert not any(pool._lent for pool in pools)
     finally:
         for lease, _ in held:

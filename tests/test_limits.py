@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import all_returned, assert_balanced, client_entries, wait_for
+from conftest import MP_TIMEOUT, all_returned, assert_balanced, client_entries, wait_for
 
 import shmpool
 from shmpool import protocol
@@ -46,7 +46,7 @@ def _hold_all(address: str, ready: Any, verdict: Any, go: Any) -> None:
         for i, lease in enumerate(leases):
             lease.view[:] = _pattern(i)
         ready.set()
-        go.wait(60)
+        go.wait(MP_TIMEOUT)
         verdict.put(sum(bytes(lease.view) != _pattern(i) for i, lease in enumerate(leases)))
         for lease in leases:
             lease.release()
@@ -65,7 +65,7 @@ def test_a_paused_client_keeps_its_leases(method: str) -> None:
         holder = ctx.Process(target=_hold_all, args=(mgr.address, ready, verdict, go))
         holder.start()
         try:
-            assert ready.wait(60)
+            assert ready.wait(MP_TIMEOUT)
             os.kill(holder.pid, signal.SIGSTOP)
             for _ in range(400):
                 with pytest.raises(PoolExhaustedError):
@@ -76,8 +76,8 @@ def test_a_paused_client_keeps_its_leases(method: str) -> None:
         finally:
             os.kill(holder.pid, signal.SIGCONT)
         go.set()
-        assert verdict.get(timeout=60) == 0  # every byte it wrote is still there
-        holder.join(60)
+        assert verdict.get(timeout=MP_TIMEOUT) == 0  # every byte it wrote is still there
+        holder.join(MP_TIMEOUT)
         assert holder.exitcode == 0
         wait_for(lambda: all_returned(pool.stats()))
         with pool.acquire(SLOT, timeout=5) as lease:  # and the memory serves others again
@@ -98,7 +98,7 @@ def _break_protocol(address: str, ready: Any, done: Any) -> None:
                 os.close(int.from_bytes(data[i : i + 4], "little"))
     sock.send(b"\xc1 not msgpack")
     ready.set()
-    done.wait(60)
+    done.wait(MP_TIMEOUT)
     sock.close()
 
 
@@ -110,13 +110,13 @@ def test_slots_of_a_client_closed_on_wait_for_its_process_to_exit() -> None:
         ready, done = ctx.Event(), ctx.Event()
         rogue = ctx.Process(target=_break_protocol, args=(mgr.address, ready, done))
         rogue.start()
-        assert ready.wait(60)
+        assert ready.wait(MP_TIMEOUT)
         wait_for(lambda: _manager_info(mgr)["quarantined"] == 1)
         with pytest.raises(PoolExhaustedError):
             pool.acquire(SLOT, timeout=0.05)
         assert_balanced(pool.stats())
         done.set()
-        rogue.join(60)
+        rogue.join(MP_TIMEOUT)
         with pool.acquire(SLOT, timeout=10) as lease:  # its process ended: the slots are free
             lease.view[:4] = b"free"
         assert _manager_info(mgr)["quarantined"] == 0
@@ -152,7 +152,7 @@ def test_a_process_that_exits_returns_its_slots_though_a_child_keeps_its_socket(
         parent.start()
         grandchild = ready.get()
         try:
-            parent.join(60)
+            parent.join(MP_TIMEOUT)
             # The socket is still open in the grandchild: no end-of-file, yet the
             # process that made the connection is gone, and so are its leases.
             wait_for(lambda: all_returned(pool.stats()))
@@ -164,7 +164,7 @@ def test_a_process_that_exits_returns_its_slots_though_a_child_keeps_its_socket(
 def test_a_connection_that_says_nothing_is_closed() -> None:
     with shmpool.start(hello_timeout=0.2) as mgr, mgr.connect() as pool:
         silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        silent.settimeout(30)
+        silent.settimeout(MP_TIMEOUT)
         silent.connect(mgr.address)
         try:
             reply = protocol.decode(silent.recv(protocol.MAX_REPLY))
@@ -318,7 +318,7 @@ def test_stats_requests_in_a_loop_are_all_answered_in_order(
     """A Stats request may wait for the next build (they cost the others); none is lost."""
     with manager.connect() as pool:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.settimeout(30)
+        sock.settimeout(MP_TIMEOUT)
         sock.connect(manager.address)
         try:
             sock.send(protocol.encode(protocol.Hello(1, protocol.VERSION, os.getpid(), "spam")))

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.lint
 def test_ruff_check() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "shmpool", "tests", "examples"],
@@ -23,6 +24,7 @@ def test_ruff_check() -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.lint
 def test_ruff_format() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ruff", "format", "--check", "shmpool", "tests", "examples"],
@@ -34,6 +36,7 @@ def test_ruff_format() -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.lint
 def test_mypy_strict() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-incremental"],

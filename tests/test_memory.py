@@ -51,7 +51,7 @@ from arena_books import (
     paged_arena,
     ticket_ops,
 )
-from conftest import SHM_DIR, SHM_PREFIX, all_returned, assert_balanced, wait_for
+from conftest import MP_TIMEOUT, SHM_DIR, SHM_PREFIX, all_returned, assert_balanced, wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import invariant, rule
 from test_arena_model import MEMORY as MODEL_MEMORY
@@ -841,9 +841,9 @@ def test_a_cache_holding_the_budget_is_recalled_for_another_process(
             )
             proc.start()
             try:
-                outcome, took = results.get(timeout=60)
+                outcome, took = results.get(timeout=MP_TIMEOUT)
             finally:
-                proc.join(60)
+                proc.join(MP_TIMEOUT)
                 results.close()
                 results.join_thread()
             assert outcome == "ok", outcome
@@ -918,7 +918,7 @@ def test_idle_release_zero_never_gives_pages_back() -> None:
             assert never.stats()["idle_release"] == 0
             peak = backed_bytes(never.pid)
             start = time.monotonic()
-            wait_for(lambda: clock.stats()["committed_bytes"] == 0, timeout=15)
+            wait_for(lambda: clock.stats()["committed_bytes"] == 0)
             assert time.monotonic() - start >= 0.2
             # A bounded wait that proves nothing happens late either: a second
             # more (five passes of the clock manager's), polling all along.
@@ -1042,11 +1042,11 @@ def test_a_holder_of_the_class_gives_its_other_classes_back_every_time(
         proc.start()
         child.close()
         try:
-            assert parent.poll(60) and parent.recv() == "ready"
+            assert parent.poll(MP_TIMEOUT) and parent.recv() == "ready"
             with shmpool.Pool(mgr.address, name="asker") as pool:
                 for _ in range(3):
                     parent.send("fill")
-                    assert parent.poll(60)
+                    assert parent.poll(MP_TIMEOUT)
                     assert parent.recv() >= 8  # 2 MiB+ cached in the 256 KiB class
                     with pool.acquire(4 * MiB) as lease:
                         lease.view[:] = pattern("asked", 4 * MiB)
@@ -1054,12 +1054,12 @@ def test_a_holder_of_the_class_gives_its_other_classes_back_every_time(
                         assert keeper["leased"] < 8  # its cache went back
                     pool.trim()
                 parent.send("check")
-                assert parent.poll(60) and parent.recv() == ""
+                assert parent.poll(MP_TIMEOUT) and parent.recv() == ""
                 assert_memory_books(pool.stats())
             parent.send("stop")
-            assert parent.poll(60) and parent.recv() == "done"
+            assert parent.poll(MP_TIMEOUT) and parent.recv() == "done"
         finally:
-            proc.join(30)
+            proc.join(MP_TIMEOUT)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -1187,7 +1187,7 @@ def test_pages_of_slots_that_are_out_are_never_freed(mp_context: Any, pinger: Pi
         now: list[tuple[str, Any, str, int]] = []  # handed over at once
         later: list[tuple[str, Any, str, int]] = []  # handed over at check time
         try:
-            assert parent.poll(60) and parent.recv() == "ready"
+            assert parent.poll(MP_TIMEOUT) and parent.recv() == "ready"
             mine += [_filled(pool, "leased"), _filled(pool, "big", 2 * MiB)]
             view, cached_ref = _cached(pool, "cached", CACHED)
             views.append(view)
@@ -1204,7 +1204,7 @@ def test_pages_of_slots_that_are_out_are_never_freed(mp_context: Any, pinger: Pi
                 ("shared reader", shared, "shared", SLOT),
             ]
             parent.send(("hold", now))
-            assert parent.poll(60) and parent.recv() == "held"
+            assert parent.poll(MP_TIMEOUT) and parent.recv() == "held"
             stats = pool.stats()
             assert stats["shared"] == 1
             assert stats["in_transit"] >= 4  # late, pickled, oversize, orphan
@@ -1216,7 +1216,7 @@ def test_pages_of_slots_that_are_out_are_never_freed(mp_context: Any, pinger: Pi
                 s = press.stats()
                 return all(c["committed_bytes"] == c["leased_bytes"] for c in s["classes"])
 
-            wait_for(only_out_is_backed, timeout=30)
+            wait_for(only_out_is_backed)
             stats = press.stats()
             assert stats["peak_committed_bytes"] > stats["committed_bytes"] + 8 * MiB
             # This process's holders, while its pool still talks.
@@ -1228,14 +1228,14 @@ def test_pages_of_slots_that_are_out_are_never_freed(mp_context: Any, pinger: Pi
             assert diff(read_attached(pool, shared), pattern("shared", SLOT)) == ""
             unping()
             parent.send(("check", later))
-            assert parent.poll(60)
+            assert parent.poll(MP_TIMEOUT)
             assert parent.recv() == {}
             # The pages the books count are the pages there are.
             stats = press.stats()
             assert backed_bytes(mgr.pid) == stats["committed_bytes"] + stats["ticket_bytes"]
             parent.send(("stop", []))
-            assert parent.poll(60) and parent.recv() == "done"
-            proc.join(60)
+            assert parent.poll(MP_TIMEOUT) and parent.recv() == "done"
+            proc.join(MP_TIMEOUT)
             assert proc.exitcode == 0
         finally:
             while views:
@@ -1302,7 +1302,7 @@ def test_a_class_slot_in_the_managers_keeping_keeps_its_pages(
             unping()
             sender.stdin.write("\n")
             sender.stdin.flush()
-            assert sender.wait(30) == 0
+            assert sender.wait(MP_TIMEOUT) == 0
         finally:
             if sender.poll() is None:
                 sender.kill()
@@ -1346,7 +1346,7 @@ def run_in_small_dev_shm(script: str, *args: str, size: str = "8m") -> dict[str,
          sys.executable, textwrap.dedent(script), *args],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=1.5 * MP_TIMEOUT,  # the child runs a whole scenario, not one wait
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )  # fmt: skip
     assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout}\n{result.stderr}"

@@ -11,7 +11,7 @@ import queue
 import signal
 
 import pytest
-from conftest import all_returned, assert_balanced, client_entries, wait_for
+from conftest import MP_TIMEOUT, all_returned, assert_balanced, client_entries, wait_for
 
 import shmpool
 
@@ -19,7 +19,6 @@ WORKERS = 4
 ROUNDS = 60
 SIZES = (100, 4096, 6000, 40_000, 100_000, 300_000)
 HELD_SIZES = (100, 5000, 5000, 70_000, 1 << 20, 3 << 20)  # the last one is oversize
-MP_TIMEOUT = 60
 
 
 def _pattern(tag: str, n: int) -> bytes:

@@ -241,6 +241,7 @@ def test_a_lease_dropped_while_exported(
 
 
 @pytest.mark.skipif(not buffer.SPEEDUPS, reason="this run is the pure-Python twin already")
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_pure_python_twin_refuses_alike() -> None:
     """Every test above, run again with ``SHMPOOL_NO_SPEEDUPS=1``."""

@@ -7,7 +7,7 @@ import signal
 from typing import Any
 
 import pytest
-from conftest import assert_balanced, client_entries, wait_for
+from conftest import MP_TIMEOUT, assert_balanced, client_entries, wait_for
 
 import shmpool
 
@@ -90,13 +90,13 @@ def test_many_reader_processes_one_killed(mgr: shmpool.ManagerProcess, mp_contex
         ]
         for proc in procs:
             proc.start()
-        seen = dict(results.get(timeout=60) for _ in range(3))
+        seen = dict(results.get(timeout=MP_TIMEOUT) for _ in range(3))
         assert all(seen.values()), seen
         for proc in procs:
-            proc.join(60)
+            proc.join(MP_TIMEOUT)
         assert _shared(owner.stats()) == 1  # the victim still reads it
         os.kill(victim.pid, signal.SIGKILL)
-        victim.join(60)
+        victim.join(MP_TIMEOUT)
         wait_for(lambda: _shared(owner.stats()) == 0)
         stats = owner.stats()
         assert not client_entries(stats, victim.pid)

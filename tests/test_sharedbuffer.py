@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import all_returned, assert_balanced, client_entries
+from conftest import MP_TIMEOUT, all_returned, assert_balanced, client_entries
 
 import shmpool
 
 KiB = 1024
 MiB = 1024 * KiB
-MP_TIMEOUT = 60
 
 
 def pattern(tag: str, n: int) -> bytes:

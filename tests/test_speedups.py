@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MP_TIMEOUT
 
 import shmpool
 from shmpool import buffer
@@ -98,7 +99,7 @@ def test_both_implementations_behave_alike(impl: str, tmp_path: Path) -> None:
         cwd=tmp_path,  # import the installed shmpool, not the source tree
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=MP_TIMEOUT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "OK"

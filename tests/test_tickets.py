@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 import pytest
-from conftest import assert_balanced, client_entries, wait_for
+from conftest import MP_TIMEOUT, assert_balanced, client_entries, wait_for
 
 import shmpool
 from shmpool import buffer, janitor
@@ -223,11 +223,11 @@ def test_a_borrower_that_dies_gives_the_slot_back_to_its_lender() -> None:
         with os.fdopen(r, "rb") as f:
             assert f.read() == b"1"
         os.waitpid(pid, 0)
-        stats = wait_for(lambda: not client_entries(s := a.stats(), pid) and s, timeout=10)
+        stats = wait_for(lambda: not client_entries(s := a.stats(), pid) and s)
         assert stats["in_transit"] == 0
         assert_balanced(stats)
         # the manager wrote it returned; the lender's janitor takes it back
-        wait_for(lambda: _ticket(a, handle) == 0, timeout=10)
+        wait_for(lambda: _ticket(a, handle) == 0)
         assert not a._lent
         with pytest.raises(shmpool.StaleHandleError):
             a.attach(handle)
@@ -327,7 +327,7 @@ def test_a_sender_without_the_extension_hands_over(
     import pickle
 
     proc = _pure(PURE_SENDER, mgr.address, tmp_path)
-    out, err = proc.communicate("", timeout=30)
+    out, err = proc.communicate("", timeout=MP_TIMEOUT)
     assert proc.returncode == 0, err
     with mgr.connect() as pool:
         lease = pool.attach(pickle.loads(bytes.fromhex(out)))
@@ -347,7 +347,7 @@ def test_a_receiver_without_the_extension_attaches(
         lease.view[:4] = b"fast"
         handle = lease.detach()
         proc = _pure(PURE_RECEIVER, mgr.address, tmp_path)
-        out, err = proc.communicate(pickle.dumps(handle).hex(), timeout=30)
+        out, err = proc.communicate(pickle.dumps(handle).hex(), timeout=MP_TIMEOUT)
         assert proc.returncode == 0, err
         assert out == "fast"
         assert_balanced(pool.stats())
@@ -454,9 +454,9 @@ def test_a_forked_child_draws_its_own_tokens(mgr: shmpool.ManagerProcess) -> Non
         ours, theirs = ctx.Pipe()
         child = ctx.Process(target=_lend_one_token, args=(mgr.address, theirs))
         child.start()
-        assert ours.poll(30)
+        assert ours.poll(MP_TIMEOUT)
         token = ours.recv()
-        child.join(30)
+        child.join(MP_TIMEOUT)
         assert child.exitcode == 0
         fields = a.acquire(SIZE).__reduce__()[1]
         assert fields[4] != token

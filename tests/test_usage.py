@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from conftest import wait_for
+from conftest import MP_TIMEOUT, wait_for
 
 import shmpool
 from shmpool import buffer, client
@@ -138,16 +138,16 @@ def test_a_process_that_only_attaches_reports_its_usage(
     proc.start()
     theirs.close()
     try:
-        assert ours.poll(60) and ours.recv() == 5000
+        assert ours.poll(MP_TIMEOUT) and ours.recv() == 5000
 
         def consumer() -> dict[str, Any]:
             (entry,) = [c for c in pool.stats()["clients"] if c["name"] == "consumer"]
             return entry  # type: ignore[no-any-return]
 
-        wait_for(lambda: consumer()["requested_bytes"] == 5000, timeout=10)
+        wait_for(lambda: consumer()["requested_bytes"] == 5000)
         ours.send("done")
     finally:
-        proc.join(30)
+        proc.join(MP_TIMEOUT)
         ours.close()
     assert proc.exitcode == 0
 
@@ -338,7 +338,7 @@ def test_the_c_and_python_meters_agree(manager: shmpool.ManagerProcess, tmp_path
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=100,
+            timeout=MP_TIMEOUT,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         runs[impl] = json.loads(result.stdout)
@@ -480,7 +480,9 @@ class Fake:
         self._read()
         return [r for r in self.log if r.conn == conn and isinstance(r.msg, kind)]
 
-    def wait(self, kind: type[Any], count: int, conn: int = 0, timeout: float = 10) -> list[Any]:
+    def wait(
+        self, kind: type[Any], count: int, conn: int = 0, timeout: float = MP_TIMEOUT
+    ) -> list[Any]:
         """Poll until the connection sent ``count`` ``kind`` messages; all of them."""
         return wait_for(lambda: len(got := self.received(kind, conn)) >= count and got, timeout)
 
@@ -500,11 +502,11 @@ def fake(tmp_path: Path) -> Iterator[Fake]:
     proc.start()
     theirs.close()
     try:
-        assert ours.poll(30) and ours.recv() == "ready"
+        assert ours.poll(MP_TIMEOUT) and ours.recv() == "ready"
         yield Fake(path, ours)
     finally:
         ours.send(("stop",))
-        proc.join(10)
+        proc.join(MP_TIMEOUT)
         if proc.is_alive():
             proc.kill()
             proc.join()
