@@ -700,8 +700,8 @@ static Py_ssize_t notice_batch = 64;
 static PyObject *one, *zero; /* the ints 1 and 0 */
 static PyObject *s_segments, *s_tickets, *s_slot_size, *s_header, *s_tickets_on, *s_client_id,
     *s_lock, *s_closed, *s_broken, *s_sock, *s_pid, *s_notices, *s_claims, *s_caches,
-    *s_min_shift, *s_ensure_janitor, *s_flush_notices, *s_acquire, *s_instance,
-    *s_lent, *s_borrowed, *s_reduce_slow, *s_janitor, *s_meter;
+    *s_min_shift, *s_on_notice, *s_watch, *s_hand_off, *s_flush_notices, *s_acquire,
+    *s_instance, *s_lent, *s_borrowed, *s_reduce_slow, *s_meter, *s_conn;
 /* What a pickled Lease calls when unpickled: client._attach_anywhere, set by
  * configure_pickling(). (A Python function: pickle names it faster than a
  * built-in one, and its fast path is Pool._take, in C.) */
@@ -779,70 +779,15 @@ generation_at_least(uint64_t low31, uint64_t floor)
 #define NOTICE_CLAIMED 1
 #define NOTICE_WORDS 5
 
-/* The attributes the hot paths read from a Pool and a _Segment, which
- * keep them in __slots__ (configure_members): read at their offsets, like
- * _Slot's and _Cache's, for about 3 ns instead of 25 (a type lookup and a
- * dict lookup each). Only an object of exactly that class is read this way;
- * anything else, and a member not set, goes through getattr. */
-#define MAX_MEMBERS 24
-typedef struct {
-    PyTypeObject *type;
-    int count;
-    PyObject *names[MAX_MEMBERS]; /* interned: compared by address */
-    Py_ssize_t offsets[MAX_MEMBERS];
-} Members;
-static Members pool_members, segment_members;
-
-/* getattr(obj, name), read from the slot when obj is a configured class. */
-static PyObject *
-get_attr(PyObject *obj, PyObject *name)
-{
-    Members *m = Py_TYPE(obj) == pool_members.type      ? &pool_members
-                 : Py_TYPE(obj) == segment_members.type ? &segment_members
-                                                         : NULL;
-    if (m != NULL) {
-        for (int i = 0; i < m->count; i++) {
-            if (m->names[i] == name) {
-                PyObject *v = *(PyObject **)((char *)obj + m->offsets[i]);
-                if (v != NULL)
-                    return Py_NewRef(v);
-                break;
-            }
-        }
-    }
-    return PyObject_GetAttr(obj, name);
-}
-
-/* Fill `m` for `type` with the given interned names; -1 with TypeError if one
- * is not a __slots__ member of it. */
-static int
-fill_members(Members *m, PyTypeObject *type, PyObject **names, int count)
-{
-    if (count > MAX_MEMBERS) {
-        PyErr_SetString(PyExc_ValueError, "too many members");
-        return -1;
-    }
-    Members fresh = {NULL, 0, {NULL}, {0}};
-    for (int i = 0; i < count; i++) {
-        Py_ssize_t off = member_offset(type, PyUnicode_AsUTF8(names[i]));
-        if (off < 0) {
-            if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-                PyErr_Clear();
-                PyErr_Format(PyExc_TypeError, "%s.%U is not a __slots__ member", type->tp_name,
-                             names[i]);
-            }
-            return -1;
-        }
-        fresh.names[i] = names[i];
-        fresh.offsets[i] = off;
-    }
-    fresh.count = count;
-    Py_INCREF(type);
-    Py_XDECREF(m->type);
-    fresh.type = type;
-    *m = fresh;
-    return 0;
-}
+/* Connection and Lending. The handoff's C paths get a Pool's connection
+ * (client.Connection) and its lending (lending.Lending) as explicit
+ * arguments and read their attributes by name, like Python code: a renamed
+ * attribute is an AttributeError in the tests, never a wrong read. Named
+ * here: conn.lock, sock, pid, closed, broken, segments, notices, claims,
+ * client_id, tickets_on, instance, flush_notices() and on_notice();
+ * lending.pool, borrowed, lent, caches, meter, min_shift and watch(). (By
+ * offset these reads were 0.5 us faster per handoff: see docs/benchmarks.md.) */
+#define get_attr PyObject_GetAttr
 
 /* getattr(obj, name) as a C integer; -1 with an exception on failure. */
 static int
@@ -895,20 +840,20 @@ reset_pid(void)
     tokens_left = 0; /* after a fork: the parent's batch is the parent's */
 }
 
-/* The pool's connection is this process's and usable (its lock held):
+/* The connection is this process's and usable (its lock held):
  * 1 yes, 0 no (the Python path reconnects or raises), -1 error. */
 static int
-pool_connected(PyObject *pool)
+conn_live(PyObject *conn)
 {
-    int r = attr_true(pool, s_closed);
+    int r = attr_true(conn, s_closed);
     if (r != 0)
         return r < 0 ? -1 : 0;
-    if ((r = attr_none(pool, s_broken)) != 1)
+    if ((r = attr_none(conn, s_broken)) != 1)
         return r;
-    if ((r = attr_none(pool, s_sock)) != 0)
+    if ((r = attr_none(conn, s_sock)) != 0)
         return r < 0 ? -1 : 0;
     Py_ssize_t pid;
-    if (attr_ssize(pool, s_pid, &pid) < 0)
+    if (attr_ssize(conn, s_pid, &pid) < 0)
         return -1;
     return pid == (Py_ssize_t)this_pid;
 }
@@ -963,17 +908,17 @@ ticket_cas(PyObject *tickets, Py_ssize_t index, uint64_t expected, uint64_t desi
     return ok;
 }
 
-/* Pool._note for a notice the ticket word backs (lock held). */
+/* Connection.note for a notice the ticket word backs (lock held). */
 static int
-queue_notice(PyObject *pool, int kind, PyObject *segment, PyObject *index, PyObject *generation,
+queue_notice(PyObject *conn, int kind, PyObject *segment, PyObject *index, PyObject *generation,
              PyObject *token)
 {
-    PyObject *notices = get_attr(pool, s_notices);
+    PyObject *notices = get_attr(conn, s_notices);
     if (notices == NULL)
         return -1;
     if (!PyList_CheckExact(notices)) {
         Py_DECREF(notices);
-        PyErr_SetString(PyExc_TypeError, "Pool._notices must be a list");
+        PyErr_SetString(PyExc_TypeError, "Connection.notices must be a list");
         return -1;
     }
     PyObject *k = PyLong_FromLong(kind);
@@ -985,7 +930,7 @@ queue_notice(PyObject *pool, int kind, PyObject *segment, PyObject *index, PyObj
     Py_DECREF(notices);
     if (failed)
         return -1;
-    PyObject *claims = get_attr(pool, s_claims);
+    PyObject *claims = get_attr(conn, s_claims);
     if (claims == NULL)
         return -1;
     PyObject *key = PyTuple_Pack(2, segment, index);
@@ -1004,9 +949,9 @@ queue_notice(PyObject *pool, int kind, PyObject *segment, PyObject *index, PyObj
         return -1;
     PyObject *r = NULL;
     if (flush || queued >= notice_batch * NOTICE_WORDS)
-        r = PyObject_CallMethodNoArgs(pool, s_flush_notices);
+        r = PyObject_CallMethodNoArgs(conn, s_flush_notices);
     else if (queued == NOTICE_WORDS)
-        r = PyObject_CallMethodNoArgs(pool, s_ensure_janitor); /* it sends them */
+        r = PyObject_CallMethodNoArgs(conn, s_on_notice); /* the janitor sends them */
     else
         return 0;
     if (r == NULL)
@@ -1050,10 +995,10 @@ natural(PyObject *v)
 /* The slot of a segment (its _Segment), checked against the segment's size:
  * (tickets, view, header); 0 if it does not apply, -1 on error. */
 static int
-segment_of(PyObject *pool, PyObject *segment, Py_ssize_t index, Py_ssize_t capacity,
+segment_of(PyObject *conn, PyObject *segment, Py_ssize_t index, Py_ssize_t capacity,
            PyObject **tickets, PyObject **view, Py_ssize_t *offset)
 {
-    PyObject *segments = get_attr(pool, s_segments);
+    PyObject *segments = get_attr(conn, s_segments);
     if (segments == NULL)
         return -1;
     if (!PyDict_CheckExact(segments)) {
@@ -1097,21 +1042,21 @@ done:
     return r;
 }
 
-static PyObject *take_impl(PyObject *pool, PyObject *fields);
+static PyObject *take_impl(PyObject *conn, PyObject *lending, PyObject *fields);
 
 static PyObject *
 take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyTuple_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "take(pool, fields: tuple)");
+    if (nargs != 3 || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "take(conn, lending, fields: tuple)");
         return NULL;
     }
-    return take_impl(args[0], args[1]);
+    return take_impl(args[0], args[1], args[2]);
 }
 
-/* Pool._take: see take() in the module's methods. */
+/* Lending.take: see take() in the module's methods. */
 static PyObject *
-take_impl(PyObject *pool, PyObject *fields)
+take_impl(PyObject *conn, PyObject *lending, PyObject *fields)
 {
     if (PyTuple_GET_SIZE(fields) != 8 || LeaseType == NULL)
         Py_RETURN_NONE;
@@ -1131,27 +1076,27 @@ take_impl(PyObject *pool, PyObject *fields)
     /* the handoff's token: a changed length or capacity gives another, which the word lacks */
     uint64_t tok = seal_token(sealed, (uint64_t)length, (uint64_t)capacity, 0);
     unsigned long long gen = PyLong_AsUnsignedLongLongMask(generation);
-    int on = attr_true(pool, s_tickets_on);
+    int on = attr_true(conn, s_tickets_on);
     if (on <= 0)
         return on < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *tickets = NULL, *view = NULL;
     Py_ssize_t offset = 0, client_id, min_shift;
-    int found = segment_of(pool, segment, idx, capacity, &tickets, &view, &offset);
+    int found = segment_of(conn, segment, idx, capacity, &tickets, &view, &offset);
     if (found <= 0)
         return found < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *lock = NULL, *ref = NULL, *home = NULL, *meter = NULL, *result = NULL;
     int lent = 0; /* 1: we claimed it from its lender (undone if the Lease cannot be made) */
     uint64_t claimed = 0;
-    if (attr_ssize(pool, s_client_id, &client_id) < 0 ||
-        attr_ssize(pool, s_min_shift, &min_shift) < 0)
+    if (attr_ssize(conn, s_client_id, &client_id) < 0 ||
+        attr_ssize(lending, s_min_shift, &min_shift) < 0)
         goto done;
     claimed = claim_word((uint64_t)client_id, gen);
-    if ((lock = get_attr(pool, s_lock)) == NULL || lock_call(lock, s_acquire) < 0) {
+    if ((lock = get_attr(conn, s_lock)) == NULL || lock_call(lock, s_acquire) < 0) {
         Py_CLEAR(lock);
         goto done;
     }
     /* the lock is held from here to the end of this block */
-    int ok = pool_connected(pool);
+    int ok = conn_live(conn);
     if (ok > 0) { /* lent by its holder (the common case), or in the manager's keeping */
         lent = ok = ticket_cas(tickets, idx, lent_word(tok, gen), claimed);
         if (ok == 0)
@@ -1161,29 +1106,29 @@ take_impl(PyObject *pool, PyObject *fields)
         ref = new_ref(SlotRefType, segment, index, generation);
         if (ref == NULL)
             ok = -1;
-        else if (lent > 0) { /* it goes back to its lender on release: Pool._borrowed */
-            if ((home = get_attr(pool, s_borrowed)) == NULL)
+        else if (lent > 0) { /* it goes back to its lender on release: Lending.borrowed */
+            if ((home = get_attr(lending, s_borrowed)) == NULL)
                 ok = -1;
         }
         else { /* in the manager's keeping: the notice names the handoff's token */
             PyObject *handoff = PyLong_FromUnsignedLongLong(tok);
             if (handoff == NULL ||
-                queue_notice(pool, NOTICE_CLAIMED, segment, index, generation, handoff) < 0)
+                queue_notice(conn, NOTICE_CLAIMED, segment, index, generation, handoff) < 0)
                 ok = -1;
             Py_XDECREF(handoff);
         }
     }
     if (ok > 0) { /* the meter of this connection, as its caches are */
-        meter = get_attr(pool, s_meter);
+        meter = get_attr(lending, s_meter);
         if (meter == NULL)
             ok = -1;
         else if (!Py_IS_TYPE(meter, &MeterType)) {
-            PyErr_SetString(PyExc_TypeError, "Pool._meter must be a Meter");
+            PyErr_SetString(PyExc_TypeError, "Lending.meter must be a Meter");
             ok = -1;
         }
     }
     if (ok > 0 && home == NULL) {
-        PyObject *caches = get_attr(pool, s_caches);
+        PyObject *caches = get_attr(lending, s_caches);
         int bits = 8 * (int)sizeof(unsigned long long) - __builtin_clzll((unsigned long long)capacity);
         Py_ssize_t cls = bits - 1 - min_shift;
         home = caches ? PySequence_GetItem(caches, cls > 0 ? cls : 0) : NULL;
@@ -1224,16 +1169,16 @@ done:
     return result;
 }
 
-static PyObject *hand_off_impl(PyObject *pool, LeaseObject *lease);
+static PyObject *hand_off_impl(PyObject *conn, PyObject *lending, LeaseObject *lease);
 
 static PyObject *
 hand_off(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyObject_TypeCheck(args[1], &LeaseBaseType)) {
-        PyErr_SetString(PyExc_TypeError, "hand_off(pool, lease: Lease)");
+    if (nargs != 3 || !PyObject_TypeCheck(args[2], &LeaseBaseType)) {
+        PyErr_SetString(PyExc_TypeError, "hand_off(conn, lending, lease: Lease)");
         return NULL;
     }
-    return hand_off_impl(args[0], (LeaseObject *)args[1]);
+    return hand_off_impl(args[0], args[1], (LeaseObject *)args[2]);
 }
 
 /* The token of a slot lent by pickling: 62 bits (61 random, the lowest set
@@ -1269,9 +1214,9 @@ fresh_token(void)
     return (token & 0x3FFFFFFFFFFFFFFFULL) | 1;
 }
 
-/* Pool._hand_off: see hand_off() in the module's methods. */
+/* Lending.hand_off: see hand_off() in the module's methods. */
 static PyObject *
-hand_off_impl(PyObject *pool, LeaseObject *lease)
+hand_off_impl(PyObject *conn, PyObject *lending, LeaseObject *lease)
 {
     if (lease->view == NULL || lease->slot == NULL || Py_TYPE(lease->slot) != SlotType)
         Py_RETURN_NONE;
@@ -1280,32 +1225,37 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
     PyObject *ref = *(PyObject **)(slot + off_slot_ref);
     PyObject *capacity = *(PyObject **)(slot + off_slot_capacity);
     if (home == NULL || ref == NULL || capacity == NULL || Py_TYPE(home) != CacheType ||
-        *(PyObject **)((char *)home + off_cache_pool) != pool || !PyTuple_Check(ref) ||
-        PyTuple_GET_SIZE(ref) != 3)
+        !PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) != 3)
+        Py_RETURN_NONE;
+    PyObject *owner = get_attr(lending, s_pool); /* the pool whose caches lending lends from */
+    if (owner == NULL)
+        return NULL;
+    Py_DECREF(owner); /* compared by address only */
+    if (*(PyObject **)((char *)home + off_cache_pool) != owner)
         Py_RETURN_NONE;
     PyObject *segment = PyTuple_GET_ITEM(ref, 0), *index = PyTuple_GET_ITEM(ref, 1),
              *generation = PyTuple_GET_ITEM(ref, 2);
     Py_ssize_t idx = natural(index), cap = natural(capacity);
     if (idx < 0 || cap <= 0 || !PyLong_CheckExact(generation))
         Py_RETURN_NONE;
-    int on = attr_true(pool, s_tickets_on);
+    int on = attr_true(conn, s_tickets_on);
     if (on <= 0)
         return on < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *tickets = NULL, *view = NULL, *lock = NULL, *next = NULL;
     PyObject *result = NULL;
     Py_ssize_t offset;
-    int found = segment_of(pool, segment, idx, cap, &tickets, &view, &offset);
+    int found = segment_of(conn, segment, idx, cap, &tickets, &view, &offset);
     if (found <= 0)
         return found < 0 ? NULL : Py_NewRef(Py_None);
     Py_ssize_t length = PyObject_Length(lease->view);
-    if (length < 0 || (lock = get_attr(pool, s_lock)) == NULL)
+    if (length < 0 || (lock = get_attr(conn, s_lock)) == NULL)
         goto done;
     if (lock_call(lock, s_acquire) < 0)
         goto done;
     /* the lock is held from here to the end of this block */
-    int ok = pool_connected(pool);
+    int ok = conn_live(conn);
     if (ok > 0) { /* the lease is of this connection's caches: caches[home.cls] is home */
-        PyObject *caches = get_attr(pool, s_caches);
+        PyObject *caches = get_attr(lending, s_caches);
         PyObject *cls = *(PyObject **)((char *)home + off_cache_cls);
         PyObject *mine = caches && cls ? PyObject_GetItem(caches, cls) : NULL;
         if (mine == NULL)
@@ -1337,7 +1287,7 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
         }
     }
     if (ok > 0) {
-        PyObject *instance = get_attr(pool, s_instance);
+        PyObject *instance = get_attr(conn, s_instance);
         PyObject *size = instance ? PyLong_FromSsize_t(length) : NULL;
         /* the handle carries the token sealed with its length and capacity */
         PyObject *sealed = size ? PyLong_FromUnsignedLongLong(seal_token(
@@ -1352,22 +1302,22 @@ hand_off_impl(PyObject *pool, LeaseObject *lease)
         Py_XDECREF(sealed);
         Py_XDECREF(size);
         Py_XDECREF(instance);
-        PyObject *lent = result ? get_attr(pool, s_lent) : NULL;
+        PyObject *lent = result ? get_attr(lending, s_lent) : NULL;
+        int first = 0; /* the only slot lent: the janitor must be there to watch it */
         if (lent == NULL || !PyList_CheckExact(lent) ||
             PyList_Append(lent, (PyObject *)slot) < 0) { /* the lender watches its word */
             if (lent != NULL && !PyList_CheckExact(lent) && !PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "Pool._lent must be a list");
+                PyErr_SetString(PyExc_TypeError, "Lending.lent must be a list");
             Py_CLEAR(result);
             ok = -1;
             if (ticket_cas(tickets, idx, word, 0) > 0) /* not lent after all: back in the cache */
                 PyList_Append(home, (PyObject *)slot);
         }
+        else
+            first = PyList_GET_SIZE(lent) == 1;
         Py_XDECREF(lent);
-        if (ok > 0) { /* the janitor takes lent slots back, and expires their tickets */
-            PyObject *janitor = get_attr(pool, s_janitor);
-            PyObject *r = janitor == Py_None ? PyObject_CallMethodNoArgs(pool, s_ensure_janitor)
-                                             : Py_XNewRef(janitor);
-            Py_XDECREF(janitor);
+        if (ok > 0 && first) { /* the janitor takes lent slots back, and expires their tickets */
+            PyObject *r = PyObject_CallMethodNoArgs(lending, s_watch);
             if (r == NULL) {
                 Py_CLEAR(result); /* lent, and watched: only the handle is lost */
                 ok = -1;
@@ -1582,21 +1532,21 @@ give_back(PyObject *home, PyObject *slot)
 {
     if (BorrowedType == NULL || Py_TYPE(home) != BorrowedType || Py_TYPE(slot) != SlotType)
         return 0;
-    PyObject *pool = PyObject_GetAttr(home, s_pool);
-    if (pool == NULL)
+    PyObject *lending = PyObject_GetAttr(home, s_pool); /* a _Borrowed's is its Lending */
+    if (lending == NULL)
         return -1;
-    PyObject *mine = NULL, *segments = NULL, *tickets = NULL;
+    PyObject *mine = NULL, *conn = NULL, *segments = NULL, *tickets = NULL;
     int r = -1;
     Py_ssize_t pid, client_id;
-    if ((mine = get_attr(pool, s_borrowed)) == NULL)
+    if ((mine = get_attr(lending, s_borrowed)) == NULL || (conn = get_attr(lending, s_conn)) == NULL)
         goto done;
     r = 0;
     if (mine != home)
         goto done;
     r = -1;
-    int on = attr_true(pool, s_tickets_on), closed = attr_true(pool, s_closed);
-    if (on < 0 || closed < 0 || attr_ssize(pool, s_pid, &pid) < 0 ||
-        attr_ssize(pool, s_client_id, &client_id) < 0)
+    int on = attr_true(conn, s_tickets_on), closed = attr_true(conn, s_closed);
+    if (on < 0 || closed < 0 || attr_ssize(conn, s_pid, &pid) < 0 ||
+        attr_ssize(conn, s_client_id, &client_id) < 0)
         goto done;
     r = 0;
     if (!on || closed || pid != (Py_ssize_t)this_pid)
@@ -1608,7 +1558,7 @@ give_back(PyObject *home, PyObject *slot)
     PyObject *generation = PyTuple_GET_ITEM(ref, 2);
     if (idx < 0 || !PyLong_CheckExact(generation))
         goto done;
-    if ((segments = get_attr(pool, s_segments)) == NULL) {
+    if ((segments = get_attr(conn, s_segments)) == NULL) {
         r = -1;
         goto done;
     }
@@ -1623,8 +1573,9 @@ give_back(PyObject *home, PyObject *slot)
     r = ticket_cas(tickets, idx, claim_word((uint64_t)client_id, gen),
                    returned_word(gen)); /* 0: the Python path decides */
 done:
-    Py_DECREF(pool);
+    Py_DECREF(lending);
     Py_XDECREF(mine);
+    Py_XDECREF(conn);
     Py_XDECREF(segments);
     Py_XDECREF(tickets);
     return r;
@@ -1635,22 +1586,27 @@ done:
  * back to their caches, those at 0 are dropped, the rest stay lent. Returns
  * how many came back. Lock held. */
 static PyObject *
-reclaim(PyObject *module, PyObject *pool)
+reclaim(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *lent = get_attr(pool, s_lent);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "reclaim(conn, lending)");
+        return NULL;
+    }
+    PyObject *conn = args[0], *lending = args[1];
+    PyObject *lent = get_attr(lending, s_lent);
     if (lent == NULL)
         return NULL;
     PyObject *keep = NULL, *segments = NULL, *caches = NULL, *result = NULL;
     Py_ssize_t back = 0, i = 0;
     if (!PyList_CheckExact(lent) || SlotRefType == NULL) {
-        PyErr_SetString(PyExc_TypeError, "Pool._lent must be a list (and configured)");
+        PyErr_SetString(PyExc_TypeError, "Lending.lent must be a list (and configured)");
         goto done;
     }
-    if ((keep = PyList_New(0)) == NULL || (segments = get_attr(pool, s_segments)) == NULL ||
-        (caches = get_attr(pool, s_caches)) == NULL)
+    if ((keep = PyList_New(0)) == NULL || (segments = get_attr(conn, s_segments)) == NULL ||
+        (caches = get_attr(lending, s_caches)) == NULL)
         goto done;
     if (!PyDict_CheckExact(segments)) {
-        PyErr_SetString(PyExc_TypeError, "Pool._segments must be a dict");
+        PyErr_SetString(PyExc_TypeError, "Connection.segments must be a dict");
         goto done;
     }
     for (; i < PyList_GET_SIZE(lent); i++) {
@@ -1722,7 +1678,7 @@ done:
         PyObject *rest = PyList_GetSlice(lent, i, PyList_GET_SIZE(lent));
         if (rest == NULL || PyList_SetSlice(keep, PyList_GET_SIZE(keep), PyList_GET_SIZE(keep),
                                             rest) < 0 ||
-            PyObject_SetAttr(pool, s_lent, keep) < 0)
+            PyObject_SetAttr(lending, s_lent, keep) < 0)
             Py_CLEAR(result);
         Py_XDECREF(rest);
     }
@@ -1752,15 +1708,13 @@ lease_reduce(LeaseObject *self, PyObject *Py_UNUSED(ignored))
         PyObject *home = *(PyObject **)((char *)self->slot + off_slot_home);
         if (home != NULL && Py_TYPE(home) == CacheType && off_cache_pool >= 0) {
             PyObject *pool = *(PyObject **)((char *)home + off_cache_pool);
-            PyObject *fields = pool ? hand_off_impl(pool, self) : Py_NewRef(Py_None);
+            PyObject *fields = pool ? PyObject_CallMethodOneArg(pool, s_hand_off, (PyObject *)self)
+                                    : NULL; /* Pool._hand_off, which raises what applies */
             if (fields == NULL)
-                return NULL;
-            if (fields != Py_None) {
-                PyObject *r = PyTuple_Pack(2, attach_fn, fields);
-                Py_DECREF(fields);
-                return r;
-            }
+                return pool ? NULL : PyObject_CallMethodNoArgs((PyObject *)self, s_reduce_slow);
+            PyObject *r = PyTuple_Pack(2, attach_fn, fields);
             Py_DECREF(fields);
+            return r;
         }
     }
     return PyObject_CallMethodNoArgs((PyObject *)self, s_reduce_slow);
@@ -1800,26 +1754,6 @@ configure_handoff(PyObject *module, PyObject *args)
     Py_XSETREF(LeaseType, (PyTypeObject *)lease_type);
     Py_INCREF(borrowed_type);
     Py_XSETREF(BorrowedType, (PyTypeObject *)borrowed_type);
-    Py_RETURN_NONE;
-}
-
-/* configure_members(Pool, _Segment): the members get_attr reads at their
- * offsets. */
-static PyObject *
-configure_members(PyObject *module, PyObject *args)
-{
-    PyObject *pool_type, *segment_type;
-    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &pool_type, &PyType_Type, &segment_type))
-        return NULL;
-    PyObject *pool_names[] = {s_closed, s_broken, s_sock, s_pid, s_notices, s_claims,
-                              s_segments, s_tickets_on, s_client_id, s_min_shift, s_lock,
-                              s_borrowed, s_caches, s_instance, s_lent, s_janitor, s_meter};
-    PyObject *segment_names[] = {s_slot_size, s_header, s_tickets, s_view};
-    if (fill_members(&pool_members, (PyTypeObject *)pool_type, pool_names,
-                     (int)(sizeof pool_names / sizeof *pool_names)) < 0 ||
-        fill_members(&segment_members, (PyTypeObject *)segment_type, segment_names,
-                     (int)(sizeof segment_names / sizeof *segment_names)) < 0)
-        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1914,8 +1848,6 @@ static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS, "configure(LeaseClosedError, _Slot, _Cache)"},
     {"configure_handoff", configure_handoff, METH_VARARGS,
      "configure_handoff(SlotRef, Lease, notice_batch, _Borrowed)"},
-    {"configure_members", configure_members, METH_VARARGS,
-     "configure_members(Pool, _Segment): __slots__ members read at their offsets"},
     {"configure_pickling", configure_pickling, METH_O,
      "configure_pickling(client._attach_anywhere): what Lease.__reduce__ names"},
     {"seal_token", seal_token_py, METH_VARARGS,
@@ -1931,11 +1863,12 @@ static PyMethodDef module_methods[] = {
     {"word_low31", word_low31_py, METH_VARARGS, "word_low31(word) -> int (ticket.word_low31)"},
     {"generation_at_least", generation_at_least_py, METH_VARARGS,
      "generation_at_least(low31, floor) -> int (ticket.generation_at_least)"},
-    {"reclaim", reclaim, METH_O, "reclaim(pool) -> slots taken back (Pool._reclaim_lent, no expiry)"},
+    {"reclaim", (PyCFunction)(void (*)(void))reclaim, METH_FASTCALL,
+     "reclaim(conn, lending) -> slots taken back (Lending.reclaim_lent, no expiry)"},
     {"carve", carve, METH_VARARGS, "carve(segments, slot_size, home, refs) -> [_Slot] or None"},
     {"slot_refs", slot_refs, METH_VARARGS, "slot_refs(value, SlotRef) -> tuple or None"},
-    {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL, "take(pool, fields) -> Lease or None (Pool._take)"},
-    {"hand_off", (PyCFunction)(void (*)(void))hand_off, METH_FASTCALL, "hand_off(pool, lease) -> fields or None (Pool._hand_off)"},
+    {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL, "take(conn, lending, fields) -> Lease or None (Lending.take)"},
+    {"hand_off", (PyCFunction)(void (*)(void))hand_off, METH_FASTCALL, "hand_off(conn, lending, lease) -> fields or None (Lending.hand_off)"},
     {NULL},
 };
 
@@ -1957,30 +1890,32 @@ PyInit__speedups(void)
     INTERN(s_high, "high");
     INTERN(s_pool, "pool");
     INTERN(s_trim, "_trim");
-    INTERN(s_segments, "_segments");
+    INTERN(s_segments, "segments");
     INTERN(s_tickets, "tickets");
     INTERN(s_slot_size, "slot_size");
     INTERN(s_header, "header");
-    INTERN(s_tickets_on, "_tickets_on");
+    INTERN(s_tickets_on, "tickets_on");
     INTERN(s_client_id, "client_id");
-    INTERN(s_lock, "_lock");
-    INTERN(s_closed, "_closed");
-    INTERN(s_broken, "_broken");
-    INTERN(s_sock, "_sock");
-    INTERN(s_pid, "_pid");
-    INTERN(s_notices, "_notices");
-    INTERN(s_claims, "_claims");
-    INTERN(s_caches, "_caches");
-    INTERN(s_min_shift, "_min_shift");
-    INTERN(s_ensure_janitor, "_ensure_janitor");
-    INTERN(s_flush_notices, "_flush_notices");
+    INTERN(s_lock, "lock");
+    INTERN(s_closed, "closed");
+    INTERN(s_broken, "broken");
+    INTERN(s_sock, "sock");
+    INTERN(s_pid, "pid");
+    INTERN(s_notices, "notices");
+    INTERN(s_claims, "claims");
+    INTERN(s_caches, "caches");
+    INTERN(s_min_shift, "min_shift");
+    INTERN(s_on_notice, "on_notice");
+    INTERN(s_watch, "watch");
+    INTERN(s_hand_off, "_hand_off");
+    INTERN(s_flush_notices, "flush_notices");
     INTERN(s_acquire, "acquire");
-    INTERN(s_instance, "manager_instance");
-    INTERN(s_lent, "_lent");
-    INTERN(s_borrowed, "_borrowed");
+    INTERN(s_instance, "instance");
+    INTERN(s_lent, "lent");
+    INTERN(s_borrowed, "borrowed");
     INTERN(s_reduce_slow, "_reduce_slow");
-    INTERN(s_janitor, "_janitor");
-    INTERN(s_meter, "_meter");
+    INTERN(s_meter, "meter");
+    INTERN(s_conn, "conn");
 
     if ((one = PyLong_FromLong(1)) == NULL || (zero = PyLong_FromLong(0)) == NULL)
         return NULL;

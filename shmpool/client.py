@@ -31,14 +31,11 @@ meter they were counted in, not with the new one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
-import mmap
 import numbers
 import os
-import select
-import socket
-import struct
 import sys
 import threading
 import time
@@ -57,26 +54,24 @@ from .buffer import (
     _Meter,
     _new_lease,
     _OversizeHome,
-    _release_view,
     _SharedHome,
     _Slot,
     make_lease,
 )
+from .connection import NOTICE_BATCH, Connection, close_fds
 from .errors import (
     AccessDeniedError,
-    LeaseClosedError,
     ManagerGoneError,
     PoolClosedError,
     PoolExhaustedError,
     ProtocolError,
     ShmpoolError,
     StaleHandleError,
-    UsageError,
     error_from_code,
 )
 from .handle import Handle
 from .janitor import Janitor
-from .segment import map_segment
+from .lending import Lending
 from .sharedbuffer import SharedBuffer
 from .sizeclass import check_request
 
@@ -97,17 +92,11 @@ FIRST_BATCH_BYTES = 256 << 10
 HOT_INTERVAL = 1.0
 #: Default seconds without an acquire after which a cache is given back.
 IDLE_TIMEOUT = 5.0
-#: Handoff notices a process keeps before it sends them in one message. They
-#: also go out with the next request, and within ``JANITOR_PERIOD`` anyway.
-NOTICE_BATCH = 64
 #: The janitor sends the manager a changed ``Usage`` at most this often (seconds).
 USAGE_PERIOD = 0.5
 
-#: Set in the generation a share's token is computed from (generations stay
-#: below 2**63), so that no share's token is ever the token of a handoff.
-_SHARE_TOKENS = 1 << 63
-
 _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+_serials = itertools.count()
 _speedups: Any = speedups
 if _speedups is not None:
     _speedups.configure_handoff(p.SlotRef, Lease, NOTICE_BATCH, _Borrowed)
@@ -218,24 +207,6 @@ os.register_at_fork(
 )
 
 
-class _Segment:
-    __slots__ = ("header", "mm", "slot_size", "tickets", "view")
-
-    def __init__(self, mm: mmap.mmap, slot_size: int, header: int) -> None:
-        self.mm = mm
-        self.view = memoryview(mm)
-        self.slot_size = slot_size
-        self.header = header  # ticket words (8 bytes a slot) before the first slot
-        self.tickets = self.view[:header] if header else None
-
-    def close(self) -> None:
-        if self.tickets is not None:
-            self.tickets.release()
-        self.view.release()
-        with contextlib.suppress(BufferError):  # a user still holds a slice: GC unmaps it
-            self.mm.close()
-
-
 class _Closed:
     """Stands in for the cache table once the pool is closed: acquire raises."""
 
@@ -253,14 +224,6 @@ class Pool:
     them).
     """
 
-    # The attributes the C hot paths read (at their offsets, see
-    # _speedups.configure_members); the rest live in __dict__.
-    __slots__ = (
-        "__dict__", "__weakref__", "_borrowed", "_broken", "_caches", "_claims", "_closed",
-        "_janitor", "_lent", "_lock", "_meter", "_min_shift", "_notices", "_pid", "_segments",
-        "_sock", "_tickets_on", "client_id", "manager_instance",
-    )  # fmt: skip
-
     def __init__(
         self,
         address: str | os.PathLike[str] | None = None,
@@ -273,26 +236,16 @@ class Pool:
         self.name = (name or os.path.basename(sys.argv[0] or "python"))[:64]
         self.timeout = timeout
         self.idle_timeout = idle_timeout
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._pid = -1
-        self._req = 0
-        self._closed = False
-        self._broken: ManagerGoneError | None = None
-        self._segments: dict[int, _Segment] = {}
+        self._serial = next(_serials)  # the order live_pools() lists pools in
         self._janitor: Janitor | None = None
         self._idle_seen = -1  # the activity count at the janitor's last tick
         self._idle_since = time.monotonic()  # when the cache was last in use
-        self.client_id = -1
-        self._tickets_on = False
-        self._token: Any = None  # ticket_token with this connection's key
-        self._notices: list[int] = []  # unsent handoff notices, oldest first (Notices.flat)
-        self._claims: set[tuple[int, int]] = set()  # slots claimed in those notices
-        # req of each prefetch Acquire not answered yet -> its class index
-        self._prefetching: dict[int, int] = {}
-        self._transit_timeout = 30.0  # from the Welcome: how long a handle waits for its attach
+        # The connection: the socket, its lock, requests and replies, queued
+        # notices, prefetches in flight, the segments mapped.
+        conn = self._conn = Connection(self.address, self.name, timeout, _speedups is not None)
+        conn.on_unasked = self._on_unasked  # (before the caches: only an Error comes before)
         self._reset_counters()
-        welcome = self._connect()
+        welcome = conn.open()
         self.manager_pid = welcome.manager_pid
         self.manager_instance = welcome.instance
         self.min_size = welcome.min_size
@@ -305,18 +258,23 @@ class Pool:
             max(1, min(FIRST_BATCH, FIRST_BATCH_BYTES // s, m))
             for s, m in zip(sizes, self._max_batch, strict=True)
         ]
+        # Lending: slots handed over by their ticket words, and taken back.
+        self._lending = Lending(self, conn, self._min_shift)
         self._new_caches()
         if _speedups is not None:  # the C twin of acquire(), shadowing the method
             self.__dict__["acquire"] = _speedups.Acquirer(
                 self._lookup, self._acquire_slow, Lease, self._meter
             )
+        conn.on_lost = self._new_caches  # cached slots died with the connection
+        conn.on_forked = self._forget_parent
+        conn.on_notice = self._ensure_janitor  # it sends them within JANITOR_PERIOD
         _POOLS.add(self)
 
     def _reset_counters(self) -> None:
         # Requests sent, usage reports aside: those are the pool's bookkeeping,
         # not its use (counted, each would look like activity to the janitor's
         # idle check, and blur how many acquires a message costs).
-        self.messages = 0
+        self._conn.messages = 0
         self.manager_acquires = 0
         self._acquires = 0  # slow-path acquires, and hot-path ones without the C twin
         self._misses = 0
@@ -341,16 +299,11 @@ class Pool:
 
     def _new_caches(self) -> None:
         """Fresh, empty caches; slots in the old ones are no longer ours to hand out."""
-        self._prefetching = {}  # the answers still to come died with the old connection
         self._batch = list(self._first_batch)
         self._last_batch = [0.0] * self._nclasses
         self._caches = [_Cache(self, i, 2 * b) for i, b in enumerate(self._batch)]
         self._oversize_home = _OversizeHome(self)
         self._shared_home = _SharedHome(self)
-        self._borrowed = _Borrowed(self)  # home of slots lent to us: they go back by word
-        self._lent: list[_Slot] = []  # slots we lent out, to take back when returned
-        # (segment, index) of a lent slot whose word holds a ticket -> (word, seen since)
-        self._lent_seen: dict[tuple[int, int], tuple[int, float]] = {}
         # Indexed by (size - 1).bit_length(): every size up to min_size maps to
         # class 0; sizes above max_size fall off the end (IndexError: slow path).
         # Entry 0 (size 1, and True, which equals 1) is a list that stays empty,
@@ -360,6 +313,7 @@ class Pool:
         self._meter: Any = _Meter()
         self._usage_sent = self._meter.snapshot()  # what the manager was told last: nothing
         self._usage_at = time.monotonic()  # and when (the first report waits a period too)
+        self._lending.reset(self._caches, self._meter, self._oversize_home)
         fast = self.__dict__.get("acquire")
         if fast is not None:
             fast.lookup = self._lookup
@@ -412,7 +366,7 @@ class Pool:
     # ----------------------------------------------------------- slow path
 
     def _acquire_slow(self, size: int, timeout: float | None = None) -> Lease:
-        if self._closed:
+        if self._conn.closed:
             raise PoolClosedError("this pool was closed; connect again")
         size = check_request(size)
         wait = _wait_ms(timeout)
@@ -435,53 +389,47 @@ class Pool:
         the socket (or in the cache, if another call read it first) instead
         of waiting a round trip.
         """
-        with self._lock:
+        with self._conn.lock:
+            # Other threads pop from the cache without the lock: a slot seen
+            # there may be gone by the time we pop, so every pop may miss.
             cache = self._caches[index]
-            if cache:  # another thread refilled while we waited
-                return cache.pop()  # type: ignore[no-any-return]
-            if self._lent and self._reclaim_returned() and cache:
-                return cache.pop()  # type: ignore[no-any-return]
+            first = _pop(cache)  # another thread refilled while we waited
+            if first is None and self._lending.lent and self._lending.reclaim_returned():
+                first = _pop(cache)
+            if first is not None:
+                return first
             self._misses += 1
             hot = self._note_batch(index)
             size = 1 << (self._min_shift + index)
-            pending = [req for req, cls in self._prefetching.items() if cls == index]
+            pending = [req for req, cls in self._conn.prefetching.items() if cls == index]
             if pending:
-                self._await_prefetch(pending[0])  # its slots join the cache, or it was refused
-            if not cache:
-                cache.extend(
-                    self._grant_or_return(
-                        lambda req, wait: p.encode_acquire(
-                            req, size, self._batch[index], self.cache_hits, wait
-                        ),
-                        cache,
-                        wait,
-                    )
+                self._conn.await_reply(pending[0])  # its slots join the cache, or it was refused
+                first = _pop(cache)
+            if first is None:
+                slots = self._grant_or_return(
+                    lambda req, wait: p.encode_acquire(
+                        req, size, self._batch[index], self.cache_hits, wait
+                    ),
+                    cache,
+                    wait,
                 )
+                first = slots.pop()  # ours before the rest is anyone's
+                cache.extend(slots)
             self._ensure_janitor()
-            first = cache.pop()
             if hot:
-                req = self._next_req()
-                self._send(p.encode_acquire(req, size, self._batch[index], self.cache_hits, 0))
-                self._prefetching[req] = index
-            return first  # type: ignore[no-any-return]
-
-    def _await_prefetch(self, req: int) -> None:
-        """Read the manager's messages until prefetch ``req`` is answered (lock held)."""
-        while req in self._prefetching:
-            sock = self._sock
-            if sock is None:
-                return
-            reply, fds = self._receive(sock)
-            self._on_unasked(reply, fds)
+                req = self._conn.next_req()
+                self._conn.send(p.encode_acquire(req, size, self._batch[index], self.cache_hits, 0))
+                self._conn.prefetching[req] = index
+            return first
 
     def _on_prefetched(self, index: int, reply: p.Message, fds: list[int]) -> None:
         """The answer to a prefetch of class ``index`` (lock held): slots join the cache."""
         if isinstance(reply, p.Error) and reply.code == "exhausted":
-            _close_fds(fds)  # nothing free now: the next refill asks and waits
+            close_fds(fds)  # nothing free now: the next refill asks and waits
             return
         if isinstance(reply, p.Error):
-            _close_fds(fds)
-            raise self._gone(error_from_code(reply.code, reply.message))
+            close_fds(fds)
+            raise self._conn.gone(error_from_code(reply.code, reply.message))
         cache = self._caches[index]
         cache.extend(self._granted(reply, fds, cache))
         if len(cache) > cache.high:  # releases refilled the cache meanwhile
@@ -504,7 +452,7 @@ class Pool:
         return hot
 
     def _acquire_oversize(self, size: int, wait: int = p.WAIT_DEFAULT) -> Lease:
-        with self._lock:
+        with self._conn.lock:
             slots = self._grant_or_return(
                 lambda req, wait: p.encode_acquire(req, size, 1, self.cache_hits, wait),
                 self._oversize_home,
@@ -516,17 +464,17 @@ class Pool:
 
     def _release_shared(self, slot: _Slot) -> None:
         """A reader let go of a shared slot: tell the manager (no reply awaited)."""
-        with self._lock:
+        with self._conn.lock:
             if slot.home is self._shared_home and self._live():
-                self._send(p.encode_return(self._next_req(), [slot.ref], self.cache_hits))
+                self._conn.send(p.encode_return(self._conn.next_req(), [slot.ref], self.cache_hits))
             # An oversize segment stays mapped here (another reader lease of this
             # process may use it, and the manager will not send it twice).
 
     def _release_oversize(self, slot: _Slot) -> None:
-        with self._lock:
+        with self._conn.lock:
             if slot.home is self._oversize_home and self._live():
-                self._call(p.Release(self._next_req(), (slot.ref,), self.cache_hits))
-            self._unmap(slot.ref.segment)
+                self._conn.call(p.Release(self._conn.next_req(), (slot.ref,), self.cache_hits))
+            self._conn.unmap(slot.ref.segment)
 
     def _grant_or_return(
         self, encode: Callable[[int, int], bytes], home: Any, wait: int = p.WAIT_DEFAULT
@@ -542,7 +490,7 @@ class Pool:
         """
         started = time.monotonic()
         returns = self._recall_returns
-        req = self._next_req()
+        req = self._conn.next_req()
         try:
             return self._grant(req, encode(req, wait), home, wait)
         except PoolExhaustedError:
@@ -551,7 +499,7 @@ class Pool:
             log.debug("refused after returning this process's idle slots: asking again")
         if wait != p.WAIT_DEFAULT:
             wait = max(0, wait - int((time.monotonic() - started) * 1000))
-        req = self._next_req()
+        req = self._conn.next_req()
         return self._grant(req, encode(req, wait), home, wait)
 
     def _grant(
@@ -561,17 +509,17 @@ class Pool:
         deadline = None
         if wait != p.WAIT_DEFAULT and wait / 1000 > self.timeout / 2:
             deadline = time.monotonic() + wait / 1000 + self.timeout
-        reply, fds = self._roundtrip(req, request, deadline=deadline)
+        reply, fds = self._conn.roundtrip(req, request, deadline=deadline)
         return self._granted(reply, fds, home)
 
     def _granted(self, reply: p.Message, fds: list[int], home: Any) -> list[_Slot]:
         """The slots of a ``Grant`` (its new segments mapped), going to ``home``."""
         if not isinstance(reply, p.Grant):
-            _close_fds(fds)
-            raise self._gone(ProtocolError(f"expected a Grant, got {type(reply).__name__}"))
-        self._map(reply.segments, fds)
+            close_fds(fds)
+            raise self._conn.gone(ProtocolError(f"expected a Grant, got {type(reply).__name__}"))
+        self._conn.map(reply.segments, fds)
         size = reply.slot_size
-        segments = self._segments
+        segments = self._conn.segments
         if _speedups is not None:  # the loop below in C; None if a slot lies outside
             carved: list[_Slot] | None = _speedups.carve(segments, size, home, reply.slots)
             if carved is not None:
@@ -582,39 +530,18 @@ class Pool:
             seg = segments.get(ref.segment)
             offset = (seg.header if seg is not None else 0) + ref.index * size
             if seg is None or offset + size > len(seg.view):
-                raise self._gone(ProtocolError(f"granted slot {ref} lies outside its segment"))
+                raise self._conn.gone(ProtocolError(f"granted slot {ref} lies outside its segment"))
             slots.append(_Slot(ref, seg.view[offset : offset + size], home))
         self.manager_acquires += len(slots)
         return slots
 
-    def _map(self, segments: tuple[p.SegmentInfo, ...], fds: list[int]) -> None:
-        if len(fds) != len(segments):
-            _close_fds(fds)
-            raise self._gone(ProtocolError(f"{len(segments)} segments came with {len(fds)} fds"))
-        for i, (info, fd) in enumerate(zip(segments, fds, strict=True)):
-            try:
-                mm = map_segment(fd, info.size)
-            except (OSError, ValueError) as exc:
-                _close_fds(fds[i:])
-                raise self._gone(
-                    ProtocolError(f"cannot map segment {info.segment}: {exc}")
-                ) from None
-            os.close(fd)
-            self._unmap(info.segment)
-            self._segments[info.segment] = _Segment(mm, info.slot_size, info.header)
-
-    def _unmap(self, segment: int) -> None:
-        seg = self._segments.pop(segment, None)
-        if seg is not None:
-            seg.close()
-
     def _live(self) -> bool:
         """True if this process's connection is usable for returning slots."""
-        return not self._closed and self._broken is None and self._pid == os.getpid()
+        return self._conn.live()
 
     def _trim(self, cache: _Cache) -> None:
         """A release took a cache past its high-water mark: return the surplus."""
-        with self._lock:
+        with self._conn.lock:
             caches = self._caches_list()
             if cache.cls >= len(caches) or caches[cache.cls] is not cache:
                 cache.clear()  # an orphan (after fork, close or a lost manager)
@@ -632,7 +559,7 @@ class Pool:
                 break
         for start in range(0, len(refs), p.MAX_BATCH):
             batch = refs[start : start + p.MAX_BATCH]
-            self._send(p.encode_return(self._next_req(), batch, self.cache_hits))
+            self._conn.send(p.encode_return(self._conn.next_req(), batch, self.cache_hits))
         return len(refs)
 
     def _caches_list(self) -> list[_Cache]:
@@ -654,16 +581,16 @@ class Pool:
         else:
             returned = self._return_recalled(msg.slot_size)
         self._recall_returns += returned
-        if self._notices and self._live():
-            self._flush_notices()  # the manager's books catch up: it may recall elsewhere
+        if self._conn.notices and self._live():
+            self._conn.flush_notices()  # the manager's books catch up: it may recall elsewhere
 
     def _return_recalled(self, slot_size: int) -> int:
         """Give back the cached ``slot_size`` slots, and halve that class's batch (lock held).
 
         Returns how many went back.
         """
-        if self._lent and self._live():
-            self._reclaim_lent()  # those returned to us go back too
+        if self._lending.lent and self._live():
+            self._lending.reclaim_lent()  # those returned to us go back too
         index = slot_size.bit_length() - 1 - self._min_shift
         caches = self._caches_list()
         if not 0 <= index < len(caches):
@@ -677,22 +604,14 @@ class Pool:
 
     def _return_idle(self) -> int:
         """Give back every cached slot (lock held): the process sits idle."""
-        if self._lent and self._live():
-            self._reclaim_lent()
+        if self._lending.lent and self._live():
+            self._lending.reclaim_lent()
         returned = 0
         for i, cache in enumerate(self._caches_list()):
             self._batch[i] = self._first_batch[i]
             cache.high = 2 * self._batch[i]
             returned += self._return(cache, 0)
         return returned
-
-    def _poll_manager(self) -> None:
-        """Handle whatever the manager sent unasked (lock held, janitor thread)."""
-        sock = self._sock
-        while sock is not None and self._live() and _readable(sock):
-            reply, fds = self._receive(sock)
-            self._on_unasked(reply, fds)
-            sock = self._sock
 
     def _on_unasked(self, reply: p.Message, fds: list[int]) -> None:
         """A message that answers no request a caller waits for (lock held).
@@ -701,29 +620,29 @@ class Pool:
         protocol.
         """
         if isinstance(reply, p.Recall):
-            _close_fds(fds)
+            close_fds(fds)
             self._on_recall(reply)
             return
-        index = self._prefetching.pop(reply.req, None)
+        index = self._conn.prefetching.pop(reply.req, None)
         if index is not None:
             self._on_prefetched(index, reply, fds)
             return
-        _close_fds(fds)
+        close_fds(fds)
         if isinstance(reply, p.Error):
             err = error_from_code(reply.code, reply.message)
             if isinstance(err, AccessDeniedError):  # refused at the door (also: too many)
-                raise self._gone(err)
+                raise self._conn.gone(err)
         self._note_stray(reply)
 
     def _note_stray(self, reply: p.Message) -> None:
         if isinstance(reply, p.Error):
             err = error_from_code(reply.code, reply.message)
-            raise self._gone(
+            raise self._conn.gone(
                 err
                 if isinstance(err, ManagerGoneError)
                 else ManagerGoneError(f"the manager refused this client: {reply.message}")
             )
-        raise self._gone(ProtocolError(f"unexpected {type(reply).__name__} (req {reply.req})"))
+        raise self._conn.gone(ProtocolError(f"unexpected {type(reply).__name__} (req {reply.req})"))
 
     def _ensure_janitor(self) -> None:
         """Start the janitor thread, or a new one if it ended (not for a pool out of use)."""
@@ -747,22 +666,26 @@ class Pool:
         Raises:
             ManagerGoneError: the manager is gone (the pool is broken then).
         """
-        if not self._lock.acquire(blocking=False):
+        if not self._conn.lock.acquire(blocking=False):
             return False
         try:
             if self._live():
                 self._tick()
         finally:
-            self._lock.release()
+            self._conn.lock.release()
         return True
+
+    def _poll_manager(self) -> None:
+        """Handle whatever the manager sent unasked (lock held): ``_on_unasked`` gets it."""
+        self._conn.poll()
 
     def _tick(self) -> None:
         """``tick()``, the lock held."""
         self._poll_manager()
-        if self._notices:
-            self._flush_notices()  # handoffs the manager has not heard of yet
-        if self._lent:
-            self._reclaim_lent()  # lent slots returned, or whose handles expired
+        if self._conn.notices:
+            self._conn.flush_notices()  # handoffs the manager has not heard of yet
+        if self._lending.lent:
+            self._lending.reclaim_lent()  # lent slots returned, or whose handles expired
         self._report_usage(due_only=True)  # if it changed, at most every USAGE_PERIOD
         now = time.monotonic()
         idle = self.idle_timeout
@@ -784,225 +707,35 @@ class Pool:
         this process's, not given to another process while this one may
         still write them; ``close()`` returns them.
         """
-        with self._lock:
+        with self._conn.lock:
             self._break_for_janitor(cause, failures)
 
     def _break_for_janitor(self, cause: BaseException, failures: int) -> None:
         try:
-            for req in list(self._prefetching):
-                self._await_prefetch(req)  # its slots are cached ones too
+            for req in list(self._conn.prefetching):
+                self._conn.await_reply(req)  # its slots are cached ones too
             self._return_idle()
         except Exception as exc:
             log.warning("could not return the cache of a pool whose janitor failed: %r", exc)
-        if self._broken is None:
-            self._broken = ManagerGoneError(
+        if self._conn.broken is None:
+            self._conn.broken = ManagerGoneError(
                 f"this pool's janitor thread failed {failures} times in a row "
                 f"({type(cause).__name__}: {cause}), so the pool no longer answers the "
                 "manager; close it and connect again"
             )
 
-    # ----------------------------------------------------------- the wire
-
-    def _next_req(self) -> int:
-        self._req += 1
-        return self._req
-
-    def _connect(self) -> p.Welcome:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        # A blocking socket with kernel timeouts: Python's own settimeout() would
-        # poll() before every send and recv, a syscall per call on the slow path.
-        seconds = max(1e-3, self.timeout)
-        timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        try:
-            sock.connect(self.address)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise ManagerGoneError(
-                f"no shmpool manager listens at {self.address} ({exc.strerror}); start one "
-                "with `shmpool serve` or shmpool.start(), or set SHMPOOL_ADDRESS"
-            ) from None
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-        self._pid = os.getpid()
-        self._broken = None
-        lends = int(_speedups is not None)
-        reply, fds = self._call(p.Hello(self._next_req(), p.VERSION, self._pid, self.name, lends))
-        _close_fds(fds)
-        if not isinstance(reply, p.Welcome):
-            raise self._gone(ProtocolError(f"expected Welcome, got {type(reply).__name__}"))
-        self.client_id = reply.client_id
-        self._tickets_on = bool(reply.tickets) and _speedups is not None
-        self._token = p.token_maker(reply.key)
-        self._transit_timeout = reply.transit_ms / 1000
-        return reply
-
-    def _ensure_connection(self) -> socket.socket:
-        if self._closed:
-            raise PoolClosedError("this pool was closed; connect again")
-        if self._pid != os.getpid():
-            self._forget_parent()
-        if self._broken is not None:
-            raise ManagerGoneError(str(self._broken))
-        if self._sock is None:
-            welcome = self._connect()
-            if (welcome.min_size, welcome.max_size) != (self.min_size, self.max_size):
-                raise self._gone(ProtocolError("the manager's size classes changed"))
-        assert self._sock is not None
-        return self._sock
-
-    def _send(self, data: bytes, hello: bool = False, counted: bool = True) -> socket.socket:
-        """Send a request; ``counted``: in ``messages`` (usage reports are not)."""
-        sock = self._sock if hello else self._ensure_connection()
-        assert sock is not None
-        if self._notices and not hello:
-            self._flush_notices()  # they come before anything this client says next
-        return self._send_on(sock, data, counted)
-
-    def _send_on(self, sock: socket.socket, data: bytes, counted: bool = True) -> socket.socket:
-        try:
-            sock.send(data)
-        except BlockingIOError:
-            raise self._gone(
-                ManagerGoneError(f"the manager did not take a request within {self.timeout} s")
-            ) from None
-        except OSError as exc:
-            raise self._gone(exc) from None
-        if counted:
-            self.messages += 1
-        return sock
-
-    def _note(self, kind: int, ref: p.SlotRef, token: int, urgent: bool = False) -> None:
-        """Queue a handoff notice (lock held); send the queue when it is full.
-
-        The ticket word already says who holds the slot, so the manager's
-        books can wait. Two exceptions send the queue at once: an ``urgent``
-        notice, one that the ticket word does not back (no C extension, or a
-        segment without words), is the only record of its handoff; and
-        handing on a slot whose claim is still queued must put that claim on
-        the wire before the slot can be claimed again (if this process died
-        holding both, nothing would tell the manager who had the slot in
-        between).
-        """
-        notices = self._notices
-        notices += (kind, *ref, token)
-        if kind == p.NOTICE_CLAIMED:
-            self._claims.add(ref[:2])
-        elif urgent or ref[:2] in self._claims:
-            self._flush_notices()
-            return
-        queued = len(notices)
-        if queued == p.NOTICE_WORDS:
-            self._ensure_janitor()  # it sends them within JANITOR_PERIOD
-        elif queued >= NOTICE_BATCH * p.NOTICE_WORDS:
-            self._flush_notices()
-
-    def _flush_notices(self) -> None:
-        """Send the queued handoff notices in one message (lock held)."""
-        notices, self._notices = self._notices, []
-        self._claims.clear()
-        if notices and self._sock is not None and self._pid == os.getpid():
-            self._send_on(self._sock, p.encode_notices(self._next_req(), notices))
-
-    def _call(self, request: p.Message) -> tuple[p.Message, list[int]]:
-        """Send a request object and return its reply (the lock must be held)."""
-        return self._roundtrip(request.req, p.encode(request), isinstance(request, p.Hello))
-
-    def _roundtrip(
-        self, req: int, data: bytes, hello: bool = False, deadline: float | None = None
-    ) -> tuple[p.Message, list[int]]:
-        """Send one encoded request and return its reply (the lock must be held).
-
-        ``deadline`` (monotonic): wait for the reply until then, rather than
-        ``timeout``; the manager holds an acquire that waits for memory.
-        """
-        sock = self._send(data, hello)
-        while True:
-            reply, fds = self._receive(sock, deadline)
-            if reply.req != req or isinstance(reply, p.Recall):
-                self._on_unasked(reply, fds)  # a Recall, or a prefetch answered first
-                continue
-            if isinstance(reply, p.Error):
-                _close_fds(fds)
-                err = error_from_code(reply.code, reply.message)
-                if isinstance(err, (AccessDeniedError, ProtocolError)):
-                    raise self._gone(err)
-                raise err
-            return reply, fds
-
-    def _receive(
-        self, sock: socket.socket, deadline: float | None = None
-    ) -> tuple[p.Message, list[int]]:
-        while True:
-            try:
-                data, ancdata, flags, _ = sock.recvmsg(p.MAX_REPLY + 1, _ANCBUF)
-                break
-            except (TimeoutError, BlockingIOError):
-                if deadline is not None and time.monotonic() < deadline:
-                    continue  # a long wait for memory: the manager answers when it ends
-                raise self._gone(
-                    ManagerGoneError(f"the manager did not answer within {self.timeout} s")
-                ) from None
-            except OSError as exc:
-                raise self._gone(exc) from None
-        fds = _fds_from(ancdata)
-        if not data:
-            _close_fds(fds)
-            raise self._gone(
-                ManagerGoneError(f"the manager at {self.address} closed the connection")
-            )
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            _close_fds(fds)
-            raise self._gone(ProtocolError("the manager sent an oversized message"))
-        try:
-            return p.decode(data), fds
-        except ProtocolError as exc:
-            _close_fds(fds)
-            raise self._gone(exc) from None
-
-    def _gone(self, cause: BaseException) -> ShmpoolError:
-        """Mark the connection dead; return the error to raise."""
-        if isinstance(cause, ShmpoolError) and not isinstance(cause, ProtocolError):
-            err: ShmpoolError = cause
-        else:
-            detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
-            err = ManagerGoneError(f"lost the manager at {self.address}: {detail}")
-        self._broken = ManagerGoneError(str(err))  # a fresh one: no traceback, no cycle
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if hasattr(self, "_max_batch"):
-            self._new_caches()  # cached slots died with the connection
-        return err
-
     def _forget_parent(self) -> None:
         """In a forked child: drop the parent's connection and cached slots.
 
-        Closing our copy of the socket's descriptor leaves the parent's
-        connection open (no shutdown), and lets the manager see the parent's
-        end-of-file promptly when the parent dies.
+        The connection forgets the parent's socket, notices and mappings
+        (``Connection.forget_parent``); the caches, the lent slots and the
+        meter start over: the parent's leases are not the child's.
         """
-        if self._sock is not None:
-            self._sock.close()
-        self._sock = None
-        self._pid = os.getpid()
-        self._req = 0
-        self.client_id = -1  # until this process has its own connection
-        self._lock = threading.Lock()
+        self._conn.forget_parent()
         self._janitor = None
-        self._broken = None
-        self._notices, self._claims = [], set()  # the parent sends its own
-        # The parent's mappings: this connection was never sent those segments,
-        # so it must not claim slots in them by their words (the manager would
-        # not know it holds them); an attach maps them anew. Leases inherited
-        # from the parent keep their memory through their views.
-        self._segments = {}
         self._reset_counters()
-        if not self._closed:
-            self._new_caches()  # and a new meter: the parent's leases are not the child's
+        if not self._conn.closed:
+            self._new_caches()
         else:
             self._meter = _Meter()
 
@@ -1022,12 +755,12 @@ class Pool:
         Raises:
             ManagerGoneError, PoolClosedError.
         """
-        with self._lock:
+        with self._conn.lock:
             self._report_usage()
-            reply, fds = self._call(p.Stats(self._next_req()))
-        _close_fds(fds)
+            reply, fds = self._conn.call(p.Stats(self._conn.next_req()))
+        close_fds(fds)
         if not isinstance(reply, p.StatsReply):
-            raise self._gone(ProtocolError(f"expected StatsReply, got {type(reply).__name__}"))
+            raise self._conn.gone(ProtocolError(f"expected StatsReply, got {type(reply).__name__}"))
         stats = dict(reply.stats)
         stats["local"] = {
             "pid": os.getpid(),
@@ -1081,337 +814,45 @@ class Pool:
         if requested == sent_requested and sizes == sent_sizes:
             return
         acquired = (c - was for c, was in zip(sizes, sent_sizes, strict=True))
-        usage = p.Usage(self._next_req(), _nonzero(requested), _nonzero(acquired))
-        self._send(p.encode(usage), counted=False)
+        usage = p.Usage(self._conn.next_req(), _nonzero(requested), _nonzero(acquired))
+        self._conn.send(p.encode(usage), counted=False)
         self._usage_sent = (requested, sizes)
         self._usage_at = now
 
+    @property
+    def messages(self) -> int:
+        """Requests this process sent the manager on this connection (usage reports aside)."""
+        return self._conn.messages
+
+    @property
+    def client_id(self) -> int:
+        """The manager's id of this process's connection (-1 until a forked child connects)."""
+        return self._conn.client_id
+
     # ------------------------------------------------------------ handoff
+    # A lease calls these (LeaseHome); lending does the work.
 
     def _detach(self, lease: Lease, readers: int = 0) -> Handle:
-        slot = lease._slot
-        home = slot.home
-        if type(home) is _Borrowed and home is self._borrowed:
-            if readers:
-                raise UsageError(
-                    "a lease handed to this process cannot be shared from here; share it "
-                    "where it was acquired, or copy it into a lease of this pool"
-                )
-            return self._hand_on(lease)
-        with self._lock:
-            if self._closed:
-                raise PoolClosedError("this pool was closed; its leases cannot be detached")
-            if type(home) is _SharedHome:
-                raise UsageError("a reader's lease of a shared slot cannot be detached or shared")
-            if self._pid != os.getpid() or not (
-                home is self._oversize_home
-                or (type(home) is _Cache and home.pool is self and self._caches[home.cls] is home)
-            ):  # else an orphan: its pool was reset (a fork, a lost connection) since
-                raise UsageError("this lease belongs to another process (or connection)")
-            if self._sock is None or self._broken is not None:
-                self._ensure_connection()
-            view = lease._view
-            if view is None:
-                raise LeaseClosedError("this lease was released or detached already")
-            length = len(view)
-            ref = slot.ref
-            segment, index, generation = ref
-            # A share's token is made apart (_SHARE_TOKENS): the manager, which
-            # computes a handoff's token to apply an Attach that overtook its
-            # sender's notice (Arena._handed_on), never mistakes it for one.
-            token = self._token(segment, index, generation + 1 | (_SHARE_TOKENS if readers else 0))
-            seg = self._segments.get(segment)
-            tickets = seg.tickets if seg is not None and self._tickets_on else None
-            # A class slot is lent: its word says so, and we watch it for its
-            # return (``_reclaim_lent``); the manager hears nothing. An
-            # oversize slot, or one without a word, goes in the manager's keeping.
-            lend = tickets is not None and not readers and type(home) is _Cache
-            word = p.lent_word(token, generation + 1)
-            if lend and ref[:2] in self._claims:
-                self._flush_notices()  # our claim of it goes first: the manager knows it ours
-            # the word of a slot we hold is 0, or our own claim not cleared yet
-            published = lend and (
-                _speedups.cas64(tickets, 8 * index, 0, word)
-                or self._publish_ticket(ref, word)  # may raise: the lease stays ours
-            )
-            self._disown_or_undo(lease, tickets if published else None, index, word, 0)
-            if readers:
-                self._send(p.encode(p.Share(self._next_req(), ref, token, readers)))
-            elif published:
-                self._lent.append(slot)
-                self._ensure_janitor()  # it takes lent slots back and expires their tickets
-            else:
-                self._note(p.NOTICE_DETACHED, ref, token, urgent=True)
-            if slot.home is self._oversize_home:
-                self._unmap(ref.segment)  # its new holder maps it; we must not pin it
-        capacity = slot.capacity
-        return Handle(
-            self.manager_instance, ref.segment, ref.index, ref.generation + 1,
-            p.seal_token(token, length, capacity, readers), length, capacity, readers,
-        )  # fmt: skip
+        return self._lending.detach(lease, readers)
 
     def _hand_off(self, lease: Lease) -> tuple[int, ...]:
-        """``tuple(lease.detach())``: what pickling a Lease sends.
+        """``tuple(lease.detach())``: what pickling a Lease sends (the C ``__reduce__`` too).
 
-        The common case, a slot of a class cache whose ticket word is 0, is
-        done in C (``_speedups.hand_off``: the checks, the token, the word,
-        the queued notice, as ``_detach`` does them). Anything else goes
-        through ``_detach``, which checks each condition again and raises
-        what applies.
+        ``Lending.hand_off``, its common case (in C) called straight from here.
         """
-        if self._tickets_on:  # which needs the C extension
-            fields: tuple[int, ...] | None = _speedups.hand_off(self, lease)
+        conn = self._conn
+        if conn.tickets_on:
+            fields: tuple[int, ...] | None = _speedups.hand_off(conn, self._lending, lease)
             if fields is not None:
                 return fields
-        if type(lease._slot.home) is _Borrowed:
-            return tuple(self._hand_on(lease))
-        return tuple(self._detach(lease))
+        return self._lending.hand_off(lease)
 
-    def _hand_on(self, lease: Lease) -> Handle:
-        """``detach()`` of a lease lent to us: lend it on, by its word.
-
-        Its lender still holds it in the manager's books and takes it back
-        when the last borrower returns it.
-        """
-        slot = lease._slot
-        with self._lock:
-            if self._closed:
-                raise PoolClosedError("this pool was closed; its leases cannot be detached")
-            if slot.home is not self._borrowed or self._pid != os.getpid() or self._broken:
-                raise UsageError("this lease belongs to another process (or connection)")
-            view = lease._view
-            if view is None:
-                raise LeaseClosedError("this lease was released or detached already")
-            segment, index, generation = slot.ref
-            seg = self._segments.get(segment)
-            if not self._tickets_on or seg is None or seg.tickets is None:
-                raise UsageError(
-                    "a lease handed to this process can be handed on only with shmpool's C "
-                    "extension (this process runs without it); copy it into a lease of this pool"
-                )
-            token = self._token(segment, index, generation + 1)
-            claimed = p.claim_word(self.client_id, generation)
-            lent = _speedups.cas64(
-                seg.tickets, 8 * index, claimed, p.lent_word(token, generation + 1)
-            )
-            if not lent:
-                if _speedups.load64(seg.tickets, 8 * index) != 0:
-                    raise UsageError(f"slot {segment}:{index} is no longer ours to hand on")
-                # Its lender died and the manager gave the slot to us: ours to lend.
-                cls = slot.capacity.bit_length() - 1 - self._min_shift
-                slot.home = self._caches[max(0, cls)]
-            else:
-                length = len(view)
-                word = p.lent_word(token, generation + 1)
-                self._disown_or_undo(lease, seg.tickets, index, word, claimed)
-        if not lent:
-            return self._detach(lease)
-        capacity = slot.capacity
-        return Handle(
-            self.manager_instance, segment, index, generation + 1,
-            p.seal_token(token, length, capacity, 0), length, capacity, 0,
-        )  # fmt: skip
-
-    @staticmethod
-    def _disown_or_undo(lease: Lease, tickets: Any, index: int, word: int, before: int) -> None:
-        """Close ``lease`` as handed over; if it cannot be, put its ticket word back.
-
-        Another thread may have released the lease while we published its
-        word; nobody has the handle yet, so the word goes back to ``before``.
-
-        Raises:
-            LeaseClosedError: released meanwhile.
-            BufferError: its view is still exported; the lease stays open.
-        """
-        try:
-            view = lease._view
-            if view is not None:
-                # Released first, as the C _disown does not: it marks the lease
-                # closed before its view refuses (BufferError, still exported),
-                # and the lease must stay open then.
-                _release_view(view)
-            if lease._disown():
-                return
-            error: BaseException = LeaseClosedError("this lease was released or detached already")
-        except BaseException as exc:  # e.g. BufferError: its view is still exported
-            error = exc
-        if tickets is not None:
-            _speedups.cas64(tickets, 8 * index, word, before)
-        raise error
-
-    def _give_back(self, slot: _Slot) -> None:
-        """A lease lent to us was released: its slot goes back to its lender, by its word.
-
-        If the lender died meanwhile, the manager gave the slot to us (the
-        word is 0 then): it joins our cache like any slot of ours.
-        """
-        if slot.home is not self._borrowed or self._pid != os.getpid() or self._closed:
-            return  # lent to the connection this pool had before a fork or a reset
-        segment, index, generation = slot.ref
-        seg = self._segments.get(segment)
-        if not self._tickets_on or seg is None or seg.tickets is None:
-            with self._lock:  # no atomics here: the manager writes the word for us
-                if slot.home is self._borrowed and self._live():
-                    self._note(p.NOTICE_RETURNED, slot.ref, 0)
-            return
-        claimed = p.claim_word(self.client_id, generation)
-        if _speedups.cas64(seg.tickets, 8 * index, claimed, p.returned_word(generation)):
-            return
-        if _speedups.load64(seg.tickets, 8 * index) != 0:
-            log.warning("slot %d:%d changed hands while lent to this process", segment, index)
-            return
-        cls = slot.capacity.bit_length() - 1 - self._min_shift
-        cache = self._caches[max(0, cls)]
-        slot.home = cache
-        cache.append(slot)
-        self._ensure_janitor()  # an idle cache goes back in time
-        if len(cache) > cache.high:
-            self._trim(cache)
-
-    def _reclaim_returned(self) -> int:
-        """``_reclaim_lent`` on the hot path: no expiry (the janitor sees to it); in C."""
-        if _speedups is not None:
-            return _speedups.reclaim(self)  # type: ignore[no-any-return]
-        return self._reclaim_lent()
-
-    def _reclaim_lent(self) -> int:
-        """Take back the lent slots whose borrowers returned them (lock held).
-
-        A lent slot whose word still holds the same ticket after the
-        transit timeout (its handle was never attached) is taken back too;
-        the handle is stale from then on. A word of 0 means the manager took
-        the slot over (attached through it, or its borrower died holding
-        it): it is no longer ours. Returns how many slots came back.
-        """
-        lent, self._lent = self._lent, []
-        seen = self._lent_seen
-        segments = self._segments
-        load, cas = _speedups.load64, _speedups.cas64
-        now = time.monotonic()
-        back = done = 0
-        try:
-            for done in range(len(lent)):
-                slot = lent[done]
-                segment, index, generation = slot.ref
-                home = slot.home
-                seg = segments.get(segment)
-                if seg is None or seg.tickets is None or type(home) is not _Cache:
-                    continue
-                if self._caches[home.cls] is not home:
-                    continue  # lent by the connection this pool had before a reset
-                word = load(seg.tickets, 8 * index)
-                key = (segment, index)
-                if word == 0:
-                    seen.pop(key, None)
-                    continue
-                if p.is_returned(word):
-                    after = p.generation_at_least(word >> 32 & 0x7FFF_FFFF, generation + 1)
-                elif word >> 63:  # claimed: in use
-                    self._lent.append(slot)
-                    continue
-                else:  # a ticket, ours or a borrower's: is it waiting too long?
-                    since = seen.get(key)
-                    if since is None or since[0] != word:
-                        seen[key] = (word, now)
-                        self._lent.append(slot)
-                        continue
-                    if now - since[1] < self._transit_timeout:
-                        self._lent.append(slot)
-                        continue
-                    # Past every generation a handle of this lend may carry.
-                    after = generation + 1 + (1 << 31)
-                if not cas(seg.tickets, 8 * index, word, 0):
-                    self._lent.append(slot)  # it moved on meanwhile: look again next time
-                    continue
-                seen.pop(key, None)
-                slot.ref = _new_ref(p.SlotRef, (segment, index, after))
-                home.append(slot)
-                back += 1
-        except BaseException:  # the slot it failed on, and those after it, stay lent
-            self._lent.extend(lent[done:])
-            raise
-        if len(seen) > len(self._lent):  # forget slots taken back by the C pass
-            out = {slot.ref[:2] for slot in self._lent}
-            for key in [key for key in seen if key not in out]:
-                del seen[key]
-        return back
-
-    def _publish_ticket(self, ref: p.SlotRef, word: int) -> bool:
-        """Put ``word`` (``ticket_word`` of the handle) in the slot's ticket word.
-
-        A receiver can then claim the slot there.
-
-        The word holds 0, or our own claim of it (by a handle of the slot's
-        generation) that the manager has not cleared yet.
-        Returns False if the slot has no word this process can write.
-        """
-        seg = self._segments.get(ref.segment)
-        if not self._tickets_on or seg is None or seg.tickets is None:
-            return False
-        offset = 8 * ref.index
-        ours = p.claim_word(self.client_id, ref.generation)
-        for _ in range(3):  # the manager may clear our claim meanwhile: retry
-            current = _speedups.load64(seg.tickets, offset)
-            if current not in (0, ours):
-                raise UsageError(f"slot {ref.segment}:{ref.index} is not ours to hand on")
-            if _speedups.cas64(seg.tickets, offset, current, word):
-                return True
-        raise UsageError(f"the ticket of slot {ref.segment}:{ref.index} keeps changing")
-
-    def _claim(self, handle: Handle) -> Lease | None:
-        """Take ``handle``'s slot by its ticket word, without a round trip.
-
-        Returns None when that path does not apply (no tickets, a segment this
-        process has not mapped, a share); the caller then asks the manager.
-
-        Raises:
-            StaleHandleError: the handle's capacity is not the segment's slot
-                size, or the word does not hold the handle's token (unsealed
-                with its length and capacity: see ``protocol.seal_token``)
-                and generation.
-        """
-        _, segment, index, generation, sealed, length, capacity, readers = handle
-        seg = self._segments.get(segment)
-        if not self._tickets_on or readers or seg is None or seg.tickets is None:
-            return None
-        size = seg.slot_size
-        if size != capacity:  # the segment's record, not the handle, says how big its slots are
-            raise StaleHandleError("this handle is forged: its capacity is not its slot's")
-        token = p.seal_token(sealed, length, capacity, 0)
-        offset = seg.header + index * size
-        if 8 * index + 8 > seg.header or offset + size > len(seg.view):
-            raise StaleHandleError("this handle is forged: its slot lies outside its segment")
-        with self._lock:
-            if self._sock is None or self._pid != os.getpid() or self._closed or self._broken:
-                self._ensure_connection()  # our own connection (after a fork: a new one) first
-            claimed = p.claim_word(self.client_id, generation)
-            word = p.ticket_word(token, generation)
-            ref = _new_ref(p.SlotRef, (segment, index, generation))
-            home: Any = self._borrowed
-            if not _speedups.cas64(seg.tickets, 8 * index, word | p.LENT, claimed):
-                if not _speedups.cas64(seg.tickets, 8 * index, word, claimed):
-                    if _speedups.load64(seg.tickets, 8 * index) == 0:
-                        return None  # not published (yet): let the manager decide
-                    raise StaleHandleError(
-                        "this handle is stale: attached already, expired, or forged"
-                    )
-                self._note(p.NOTICE_CLAIMED, ref, token)  # in the manager's keeping
-                home = self._caches[max(0, capacity.bit_length() - 1 - self._min_shift)]
-            meter = self._meter  # this connection's, as home is
-        slot = _Slot(ref, seg.view[offset : offset + size], home)
-        return make_lease(slot, min(length, size), meter)
+    def _give_back(self, slot: _Slot) -> None:  # pragma: no cover - a borrowed home is lending's
+        self._lending.give_back(slot)
 
     def _take(self, fields: tuple[int, ...]) -> Lease | None:
-        """Claim a pickled Lease's slot by its ticket word: ``_claim`` in C.
-
-        Only the common case (a class slot in a segment mapped here, the
-        word holding the handle's token, this process's live connection) is
-        taken by ``_speedups.take``; None sends the caller through
-        ``attach``, which checks everything and raises what applies.
-        """
-        if not self._tickets_on:  # which needs the C extension
-            return None
-        return _speedups.take(self, fields)  # type: ignore[no-any-return]
+        """Claim a pickled Lease's slot by its ticket word (``Lending.take``), or None."""
+        return self._lending.take(fields)
 
     def attach(self, handle: Handle) -> Lease:
         """Lease the slot behind ``handle`` (from ``Lease.detach()``) to this process.
@@ -1433,23 +874,23 @@ class Pool:
         _, segment, index, generation, sealed, length, capacity, readers = handle
         if not 0 < capacity <= p.MAX_BUFFER or length > capacity or readers > p.MAX_READERS:
             raise StaleHandleError("this handle is forged: a field is out of range")
-        lease = self._claim(handle)
+        lease = self._lending.claim(handle)
         if lease is not None:
             return lease
         # The manager checks the capacity and the readers against its record
         # of the slot, and the token, unsealed with them and the length,
         # against the handoff's: a handle with any of them changed is refused.
         token = p.seal_token(sealed, length, capacity, readers)
-        with self._lock:
+        with self._conn.lock:
             ref = p.SlotRef(segment, index, generation)
-            req = self._next_req()
+            req = self._conn.next_req()
             request = p.encode(p.Attach(req, ref, token, capacity, readers))
-            reply, fds = self._roundtrip(req, request)
+            reply, fds = self._conn.roundtrip(req, request)
             size = reply.slot_size if isinstance(reply, p.Grant) else capacity
             if readers:
                 home: Any = self._shared_home
             elif isinstance(reply, p.Grant) and reply.lent:
-                home = self._borrowed  # lent: it goes back to its lender on release
+                home = self._lending.borrowed  # lent: it goes back to its lender on release
             elif size > self.max_size or size & (size - 1):
                 home = self._oversize_home
             else:
@@ -1479,18 +920,18 @@ class Pool:
         Worth calling before a process goes to sleep for long; the cache
         refills on the next acquire. Returns how many slots went back.
         """
-        with self._lock:
+        with self._conn.lock:
             if not self._live():
                 return 0
-            for req in list(self._prefetching):
-                self._await_prefetch(req)  # its slots are ours too: they go back as well
-            if self._lent:
-                self._reclaim_lent()  # and those lent out and returned since
+            for req in list(self._conn.prefetching):
+                self._conn.await_reply(req)  # its slots are ours too: they go back as well
+            if self._lending.lent:
+                self._lending.reclaim_lent()  # and those lent out and returned since
             return sum(self._return(cache, 0) for cache in self._caches)
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._conn.closed
 
     def close(self) -> None:
         """Close the connection; the manager reclaims every slot this process held.
@@ -1498,26 +939,20 @@ class Pool:
         Leases still open keep their memory mapped but must not be used
         afterwards (another process may be given the same slot).
         """
-        if self._closed:
+        if self._conn.closed:
             return
-        with self._lock:
-            if self._notices:
+        with self._conn.lock:
+            if self._conn.notices:
                 with contextlib.suppress(ShmpoolError):
-                    self._flush_notices()  # the manager learns where the slots went
-            self._closed = True
+                    self._conn.flush_notices()  # the manager learns where the slots went
             for cache in self._caches:
                 cache.clear()
-            self._lent.clear()  # the manager settles them by their words
-            self._lent_seen.clear()
+            self._lending.forget()  # the manager settles lent slots by their words
             self._lookup = _Closed()
             fast = self.__dict__.get("acquire")
             if fast is not None:
                 fast.lookup = []  # every call takes the slow path, which raises
-            if self._sock is not None and self._pid == os.getpid():
-                self._sock.close()
-            self._sock = None
-            for segment in list(self._segments):
-                self._unmap(segment)  # a mapping a lease still exports stays until GC
+            self._conn.close()  # a mapping a lease still exports stays until GC
         if self._janitor is not None:
             self._janitor.wake()
         _POOLS.discard(self)
@@ -1534,14 +969,19 @@ class Pool:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "broken" if self._broken else "open"
+        state = "closed" if self._conn.closed else "broken" if self._conn.broken else "open"
         return f"<shmpool.Pool {self.address} {state}>"
 
 
-_ANCBUF = socket.CMSG_SPACE(p.MAX_FDS * 4)
-
-
 _new_ref = tuple.__new__  # SlotRef from checked ints, without the NamedTuple's Python __new__
+
+
+def _pop(cache: _Cache) -> _Slot | None:
+    """The last slot of ``cache``, or None if it is empty (or another thread emptied it)."""
+    try:
+        return cache.pop()  # type: ignore[no-any-return]
+    except IndexError:
+        return None
 
 
 def _wait_ms(timeout: float | None) -> int:
@@ -1567,33 +1007,6 @@ def _nonzero(counts: Iterable[int]) -> tuple[tuple[int, int], ...]:
     return tuple((k, n) for k, n in enumerate(counts) if n)
 
 
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds.extend(memoryview(data)[:usable].cast("i"))
-    return fds
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _readable(sock: socket.socket) -> bool:
-    """Whether ``sock`` has a message (or end-of-file) to read now.
-
-    ``poll``, not ``select``: select refuses descriptors from 1024 on, which
-    is what a process with many files open gets for its sockets. A new poll
-    object each call costs about 2 µs (select as much), once a tick of 50 ms.
-    """
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
-
-
 def connect(
     address: str | os.PathLike[str] | None = None, *, name: str = "", timeout: float = 30.0
 ) -> Pool:
@@ -1610,9 +1023,9 @@ def connect(
 
 
 def live_pools() -> list[Pool]:
-    """The pools of this process that are open and usable (in no particular order)."""
-    return [pool for pool in list(_POOLS) if pool._live()]
+    """The pools of this process that are open and usable, oldest first."""
+    return sorted((pool for pool in list(_POOLS) if pool._live()), key=_age)
 
 
-if _speedups is not None:
-    _speedups.configure_members(Pool, _Segment)
+def _age(pool: Pool) -> int:
+    return pool._serial

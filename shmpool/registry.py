@@ -83,7 +83,8 @@ def rebuild_lease(*fields: int) -> Lease:
     """
     pool = _last_pool()
     if pool is not None and pool.manager_instance == fields[0] and _fast_take is not None:
-        lease: Lease | None = _fast_take(pool, fields)  # Pool._take, called straight
+        # Lending.take, called straight: C with the pool's collaborators as arguments
+        lease: Lease | None = _fast_take(pool._conn, pool._lending, fields)
         if lease is not None:
             return lease
     handle = Handle(*fields)

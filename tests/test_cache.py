@@ -252,9 +252,9 @@ def test_a_hot_refill_takes_the_batch_asked_ahead(
     with shmpool.Pool(big_manager.address, name="ahead", idle_timeout=None) as pool:
         i = _index(pool, size)
         leases = []
-        while not pool._prefetching:
+        while not pool._conn.prefetching:
             leases.append(pool.acquire(size))
-        ((req, cls),) = pool._prefetching.items()
+        ((req, cls),) = pool._conn.prefetching.items()
         assert cls == i
         while pool._caches[i]:
             leases.append(pool.acquire(size))
@@ -262,10 +262,10 @@ def test_a_hot_refill_takes_the_batch_asked_ahead(
         leases.append(pool.acquire(size))  # the cache was empty: a refill
         assert pool.messages == messages + 1  # the next prefetch; the answer was waiting
         assert pool.manager_acquires > acquired
-        assert req not in pool._prefetching
-        assert list(pool._prefetching.values()) == [i]
+        assert req not in pool._conn.prefetching
+        assert list(pool._conn.prefetching.values()) == [i]
         stats = pool.stats()  # its answer comes before the reply to this
-        assert not pool._prefetching
+        assert not pool._conn.prefetching
         assert _entry(stats, "ahead")["leased"] == len(leases) + len(pool._caches[i])
         for lease in leases:
             lease.release()
@@ -275,7 +275,7 @@ def test_a_hot_refill_takes_the_batch_asked_ahead(
 def _acquire_in_child(pool: shmpool.Pool, size: int, out: Any) -> None:
     lease = pool.acquire(size)  # the first use after the fork: a connection of its own
     lease.view[:4] = b"mine"
-    out.put((bytes(lease.view[:4]), list(pool._prefetching.values()), os.getpid()))
+    out.put((bytes(lease.view[:4]), list(pool._conn.prefetching.values()), os.getpid()))
     lease.release()
     pool.close()
 
@@ -293,7 +293,7 @@ def test_a_fork_with_a_prefetch_in_flight(manager: shmpool.ManagerProcess) -> No
     with shmpool.Pool(manager.address, name="parent", idle_timeout=None) as pool:
         i = _index(pool, size)
         leases = []
-        while not pool._prefetching:
+        while not pool._conn.prefetching:
             leases.append(pool.acquire(size))
         child = ctx.Process(target=_acquire_in_child, args=(pool, size, out))
         child.start()
@@ -583,7 +583,7 @@ def test_handoffs_go_round_without_the_manager(manager: shmpool.ManagerProcess) 
         shmpool.Pool(manager.address, name="producer", idle_timeout=None) as producer,
         shmpool.Pool(manager.address, name="consumer", idle_timeout=0.3) as consumer,
     ):
-        if not producer._tickets_on:
+        if not producer._conn.tickets_on:
             pytest.skip("lending needs the C extension")
         i = _index(consumer, size)
         consumer.attach(producer.acquire(size).detach()).release()  # maps the segment

@@ -526,7 +526,7 @@ def test_fork_stops_the_janitor_and_the_parent_gets_a_new_one(
         assert before is not None and before.is_alive()
         pid = os.fork()
         if pid == 0:
-            ok = not pool._notices and not pool._lent and pool._janitor is None
+            ok = not pool._conn.notices and not pool._lending.lent and pool._janitor is None
             try:
                 with pool.acquire(5000) as lease:  # the child's own connection
                     lease.view[:2] = b"ok"
@@ -537,7 +537,7 @@ def test_fork_stops_the_janitor_and_the_parent_gets_a_new_one(
         assert not before.is_alive()  # stopped and joined before the fork
         after = pool._janitor
         assert after is not None and after is not before and after.is_alive()
-        if pool._tickets_on:
-            assert pool._lent  # still ours to watch
+        if pool._conn.tickets_on:
+            assert pool._lending.lent  # still ours to watch
         pool.attach(handle).release()
         assert_balanced(pool.stats())

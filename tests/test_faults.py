@@ -465,19 +465,19 @@ def test_a_prefetch_answer_never_lands_on_a_closed_or_trimmed_pool() -> None:
     with shmpool.start(min_size="64KiB", max_size="64KiB", memory="64MiB") as mgr:
         pool = shmpool.Pool(mgr.address, name="hot", idle_timeout=None)
         leases = []
-        while not pool._prefetching:
+        while not pool._conn.prefetching:
             leases.append(pool.acquire(size))
         for lease in leases:
             lease.release()
         leases.clear()
         pool.trim()
-        assert not pool._prefetching
+        assert not pool._conn.prefetching
         assert not any(pool._caches)
         stats = pool.stats()
         assert _clients_named(mgr, "hot")[0]["leased"] == 0
         assert_balanced(stats)
 
-        while not pool._prefetching:
+        while not pool._conn.prefetching:
             leases.append(pool.acquire(size))
         pool.close()
         leases.clear()

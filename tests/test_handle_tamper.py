@@ -33,6 +33,7 @@ from test_handoff import slot_state as handoff_slot_state
 import shmpool
 from shmpool import Handle
 from shmpool import protocol as p
+from shmpool.connection import Connection
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -118,7 +119,7 @@ def test_altered_handle_is_refused(
         handle, data = make_handle(kind, a, c)
         altered = ALTERATIONS[alteration](handle)
         assert altered != handle
-        assert (handle.segment in b._segments) == mapped
+        assert (handle.segment in b._conn.segments) == mapped
         pickled = kind == "pickled"
         a.stats(), c.stats()  # their queued notices go first
         before = slot_state(b.stats())
@@ -244,19 +245,21 @@ def test_seal_token_is_its_own_inverse_and_binds_each_field() -> None:
 
 def _delay_shares(pool: shmpool.Pool, seconds: float) -> list[threading.Timer]:
     """Make ``pool`` send its ``Share`` messages ``seconds`` late (on another thread)."""
-    real_send = pool._send
     timers: list[threading.Timer] = []
 
-    def send(data: bytes, hello: bool = False, counted: bool = True) -> Any:
-        if isinstance(p.decode(data, max_size=p.MAX_REQUEST), p.Share):
-            sock = pool._sock
-            timer = threading.Timer(seconds, pool._send_on, (sock, data))
-            timer.start()
-            timers.append(timer)
-            return sock
-        return real_send(data, hello, counted)
+    class Delaying(Connection):
+        __slots__ = ()
 
-    pool._send = send  # type: ignore[method-assign]
+        def send(self, data: bytes, hello: bool = False, counted: bool = True) -> Any:
+            if isinstance(p.decode(data, max_size=p.MAX_REQUEST), p.Share):
+                sock = self.sock
+                timer = threading.Timer(seconds, self.send_on, (sock, data))
+                timer.start()
+                timers.append(timer)
+                return sock
+            return super().send(data, hello, counted)
+
+    pool._conn.__class__ = Delaying  # this pool's connection only
     return timers
 
 
@@ -289,7 +292,7 @@ def test_an_attach_that_overtakes_its_share_waits_for_it(
         got.release()
         for timer in timers:
             timer.join()
-        assert a._broken is None
+        assert a._conn.broken is None
         assert_balanced(a.stats())
         drain(a, b)
 

@@ -430,7 +430,7 @@ def test_forged_handle_is_refused(
         lease.view[:] = pattern("genuine|", 5000)
         neighbour = a.acquire(5000)  # another slot of the same segment is leased, not in transit
         handle = lease.detach()
-        assert (handle.segment in b._segments) == by_ticket
+        assert (handle.segment in b._conn.segments) == by_ticket
         forged = forge(handle)
         assert forged != handle
         before = slot_state(a.stats())  # a request sends a's queued notice first
@@ -495,7 +495,7 @@ def test_expired_handle_is_refused_and_slot_comes_back() -> None:
         assert_balanced(expired)
         cls, hcls = class_of(expired, 8 * KiB), class_of(held, 8 * KiB)
         assert cls["in_transit"] == 0
-        if pool._tickets_on:  # lent: back with its lender (this pool, in its cache)
+        if pool._conn.tickets_on:  # lent: back with its lender (this pool, in its cache)
             assert cls["leased"] == hcls["leased"]
             assert cls["free"] == hcls["free"]
         else:  # in the manager's keeping: back on the free list
@@ -912,7 +912,7 @@ def test_receiver_killed_after_attach(manager: shmpool.ManagerProcess, mp_contex
             # only what our own connection holds (its cache) is still leased
             assert sum(c["leased"] for c in after["classes"]) == mine["leased"]
             (before_mine,) = [c for c in held["clients"] if c["name"] == "sender"]
-            if pool._tickets_on:  # lent: the dead receiver's slot went back to its lender
+            if pool._conn.tickets_on:  # lent: the dead receiver's slot went back to its lender
                 assert mine["leased"] == before_mine["leased"] + 1
                 assert class_of(after, 128 * KiB)["leased"] == class_of(held, 128 * KiB)["leased"]
             else:  # it was the receiver's: freed with the rest of its leases

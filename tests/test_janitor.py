@@ -73,13 +73,13 @@ def test_the_janitor_works_with_descriptors_above_1024() -> None:
         shmpool.Pool(mgr.address, name="idle", idle_timeout=None) as idle,
         shmpool.Pool(mgr.address, name="busy", idle_timeout=None) as busy,
     ):
-        assert idle._sock is not None and idle._sock.fileno() >= 1024
+        assert idle._conn.sock is not None and idle._conn.sock.fileno() >= 1024
         fill_cache(idle)
         janitor = idle._janitor
         assert janitor is not None
         take_everything(busy)  # the manager recalls idle's cache; its janitor answers
         assert janitor.is_alive() and idle._janitor is janitor
-        assert idle._broken is None
+        assert idle._conn.broken is None
         assert_balanced(busy.stats())
         idle.trim()
         busy.trim()
@@ -92,7 +92,7 @@ def test_an_idle_cache_goes_back_with_descriptors_above_1024() -> None:
         many_files_open(),
         shmpool.Pool(mgr.address, name="idle", idle_timeout=0.2) as pool,
     ):
-        assert pool._sock is not None and pool._sock.fileno() >= 1024
+        assert pool._conn.sock is not None and pool._conn.sock.fileno() >= 1024
         fill_cache(pool)
         wait_for(lambda: all_returned(mgr.stats()))
         assert pool._janitor is not None and pool._janitor.is_alive()
@@ -127,7 +127,7 @@ def test_a_failed_tick_is_logged_and_the_janitor_goes_on(
         monkeypatch.setattr(idle, "_poll_manager", fails_once)
         wait_for(lambda: len(calls) >= 3)  # ticks after the failed one
         assert idle._janitor is not None and idle._janitor.is_alive()
-        assert idle._broken is None
+        assert idle._conn.broken is None
         (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert record.exc_info is not None and "boom, once" in str(record.exc_info[1])
         take_everything(busy)  # recalls are still answered
@@ -150,7 +150,7 @@ def test_a_janitor_that_keeps_failing_breaks_its_pool_loudly(
                 raise RuntimeError("boom, always")
 
             monkeypatch.setattr(pool, "_poll_manager", fails)
-            wait_for(lambda: pool._broken is not None)
+            wait_for(lambda: pool._conn.broken is not None)
             wait_for(lambda: not janitor.is_alive())
             failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
             assert len(failed) == JANITOR_FAILURES  # each failure, with its traceback
@@ -198,7 +198,7 @@ def test_a_dead_manager_stops_the_janitor_quietly(caplog: pytest.LogCaptureFixtu
         janitor = pool._janitor
         assert janitor is not None
         os.kill(mgr.pid, signal.SIGKILL)
-        wait_for(lambda: pool._broken is not None)  # the janitor saw end-of-file
+        wait_for(lambda: pool._conn.broken is not None)  # the janitor saw end-of-file
         wait_for(lambda: not janitor.is_alive())
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         with pytest.raises(shmpool.ManagerGoneError):

@@ -59,7 +59,7 @@ def _pool(address: str, name: str) -> shmpool.Pool:
 
 def _word(pool: shmpool.Pool, handle: shmpool.Handle) -> int:
     """The ticket word of ``handle``'s slot, as ``pool`` (which mapped it) sees it."""
-    tickets = pool._segments[handle.segment].tickets
+    tickets = pool._conn.segments[handle.segment].tickets
     return int(buffer._speedups.load64(tickets, 8 * handle.index))
 
 
@@ -82,9 +82,9 @@ def _mapped(lender: shmpool.Pool, *receivers: shmpool.Pool) -> None:
     """Let each receiver map the lender's 8 KiB segment; the lender takes the slots back."""
     for receiver in receivers:
         receiver.attach(lender.acquire(SIZE).detach()).release()
-    with lender._lock:
-        assert lender._reclaim_lent() == len(receivers)
-    assert not lender._lent
+    with lender._conn.lock:
+        assert lender._lending.reclaim_lent() == len(receivers)
+    assert not lender._lending.lent
 
 
 def _kill(proc: Any) -> None:
@@ -162,18 +162,21 @@ def test_a_chain_of_borrowers_sends_nothing_and_the_slot_comes_home(
         _mapped(a, b, c)
         lease = a.acquire(SIZE)
         lease.view[:] = pattern("from a|", SIZE)
-        assert lease._slot.ref.segment in b._segments and lease._slot.ref.segment in c._segments
+        assert (
+            lease._slot.ref.segment in b._conn.segments
+            and lease._slot.ref.segment in c._conn.segments
+        )
         sent = (a.messages, b.messages, c.messages)
 
         h1 = lease.detach()
         assert _word(a, h1) == lent_word(_token(h1), h1.generation)
-        assert [s.ref[:2] for s in a._lent] == [(h1.segment, h1.index)]
+        assert [s.ref[:2] for s in a._lending.lent] == [(h1.segment, h1.index)]
         lent = manager.stats()  # through a connection of its own: our counters stay
         assert lent["in_transit"] == 1 and class_of(lent, SLOT)["in_transit"] == 1
         assert_transit_balanced(lent)
 
         got_b = b.attach(h1)
-        assert got_b._slot.home is b._borrowed
+        assert got_b._slot.home is b._lending.borrowed
         assert _word(a, h1) == claim_word(b.client_id, h1.generation)
         assert bytes(got_b.view) == pattern("from a|", SIZE)
         got_b.view[:6] = b"from b"
@@ -187,7 +190,7 @@ def test_a_chain_of_borrowers_sends_nothing_and_the_slot_comes_home(
             c.attach(h1)  # refused at the word: the first handle was used
 
         got_c = c.attach(h2)
-        assert got_c._slot.home is c._borrowed
+        assert got_c._slot.home is c._lending.borrowed
         assert _word(a, h2) == claim_word(c.client_id, h2.generation)
         assert bytes(got_c.view) == b"from b" + pattern("from a|", SIZE)[6:]
         held = manager.stats()
@@ -200,11 +203,11 @@ def test_a_chain_of_borrowers_sends_nothing_and_the_slot_comes_home(
         got_c.release()
         assert _word(a, h2) == returned_word(h2.generation)
         assert (a.messages, b.messages, c.messages) == sent  # not a word to the manager
-        assert a._lent  # not taken back yet: the janitors sleep
+        assert a._lending.lent  # not taken back yet: the janitors sleep
 
-        with a._lock:
-            assert a._reclaim_lent() == 1
-        assert not a._lent
+        with a._conn.lock:
+            assert a._lending.reclaim_lent() == 1
+        assert not a._lending.lent
         assert _word(a, h2) == 0
         slot = _cached(a, h2)
         assert slot is not None and slot.home is a._caches[CLASS]
@@ -244,7 +247,7 @@ def test_a_handle_attached_after_its_lender_was_killed(
         if mapped:
             pool.acquire(SIZE).release()  # maps the 8 KiB segment the lender will use
         with _lender(mp_context, manager.address) as (proc, pid, handle):
-            assert (handle.segment in pool._segments) == mapped
+            assert (handle.segment in pool._conn.segments) == mapped
             _kill(proc)
             dropped = _gone(pool, pid)
             assert dropped["in_transit"] == 1  # the lender's exit did not free it
@@ -304,9 +307,9 @@ def test_a_lender_killed_while_we_hold_its_slot(
         if mapped:
             pool.acquire(SIZE).release()
         with _lender(mp_context, manager.address) as (proc, pid, handle):
-            assert (handle.segment in pool._segments) == mapped
+            assert (handle.segment in pool._conn.segments) == mapped
             got = pool.attach(handle)
-            assert got._slot.home is pool._borrowed
+            assert got._slot.home is pool._lending.borrowed
             assert _word(pool, handle) == claim_word(pool.client_id, handle.generation)
             held = pool.stats()
             before = _entry(held, pool)["leased"]
@@ -398,12 +401,12 @@ def test_a_borrower_killed_holding_the_slot(
             assert entry["leased"] == 1
             assert held["in_transit"] == 0
             assert_transit_balanced(held)
-            assert lender._lent
+            assert lender._lending.lent
 
             _kill(proc)
             _gone(lender, pid)
             # the lender's janitor takes it back
-            wait_for(lambda: not lender._lent and _cached(lender, handle))
+            wait_for(lambda: not lender._lending.lent and _cached(lender, handle))
             slot = _cached(lender, handle)
             assert slot is not None and slot.home is lender._caches[CLASS]
             assert slot.ref.generation == handle.generation
@@ -433,7 +436,7 @@ def test_sharing_a_borrowed_lease_is_refused_and_harmless(
         lease.view[:] = pattern("shared?|", SIZE)
         handle = lease.detach()
         got = b.attach(handle)
-        assert got._slot.home is b._borrowed
+        assert got._slot.home is b._lending.borrowed
         sent = b.messages
         for readers in (1, 3):
             with pytest.raises(shmpool.UsageError):
@@ -448,7 +451,7 @@ def test_sharing_a_borrowed_lease_is_refused_and_harmless(
         got.release()
         assert got.closed
         assert _word(a, handle) == returned_word(handle.generation)
-        wait_for(lambda: not a._lent and _cached(a, handle))  # a's janitor takes it back
+        wait_for(lambda: not a._lending.lent and _cached(a, handle))  # a's janitor takes it back
         assert _word(a, handle) == 0
         stats = a.stats()
         assert stats["in_transit"] == 0
@@ -531,8 +534,8 @@ def test_stress_lending_among_three_pools(manager: shmpool.ManagerProcess) -> No
                 counts["release"] += 1
             else:
                 pool = rng.choice(pools)
-                with pool._lock:
-                    counts["taken back"] += pool._reclaim_lent()
+                with pool._conn.lock:
+                    counts["taken back"] += pool._lending.reclaim_lent()
             if step % 500 == 499:
                 stats = rng.choice(pools).stats()
                 assert_balanced(stats)
@@ -555,7 +558,7 @@ def test_stress_lending_among_three_pools(manager: shmpool.ManagerProcess) -> No
         for pool in pools:
             pool.trim()
         wait_for(lambda: all_returned(pools[0].stats()))
-        assert not any(pool._lent for pool in pools)
+        assert not any(pool._lending.lent for pool in pools)
     finally:
         for lease, _ in held:
             lease.release()
@@ -608,7 +611,7 @@ def test_a_borrower_without_the_extension_returns_the_slot_by_notice(
         lease = lender.acquire(SIZE)
         lease.view[:] = pattern("to a pure borrower|", SIZE)
         handle = lease.detach()
-        assert lender._lent
+        assert lender._lending.lent
         proc.stdin.write(pickle.dumps(handle).hex() + "\n")
         proc.stdin.flush()
 
@@ -621,7 +624,7 @@ def test_a_borrower_without_the_extension_returns_the_slot_by_notice(
         assert proc.stdout.readline() == "released\n"
 
         # its janitor sends NOTICE_RETURNED; the manager writes the word; ours takes it back
-        wait_for(lambda: not lender._lent and _cached(lender, handle))
+        wait_for(lambda: not lender._lending.lent and _cached(lender, handle))
         assert proc.poll() is None  # still connected: its close did not do it
         assert _word(lender, handle) == 0
         slot = _cached(lender, handle)
@@ -691,7 +694,7 @@ def test_pickling_a_lease_another_thread_releases_lends_nothing(
             except shmpool.LeaseClosedError as exc:
                 out["error"] = exc
 
-        with p._lock:  # the pickler waits for it, inside hand_off
+        with p._conn.lock:  # the pickler waits for it, inside hand_off
             thread = threading.Thread(target=pickle_it)
             thread.start()
             wait_for(lambda: thread.is_alive())
@@ -699,7 +702,7 @@ def test_pickling_a_lease_another_thread_releases_lends_nothing(
             again = p.acquire(SIZE)  # ...and acquires the same slot again
         thread.join(MP_TIMEOUT)
         assert "error" in out and "data" not in out
-        assert not any(slot is again._slot for slot in p._lent)
+        assert not any(slot is again._slot for slot in p._lending.lent)
         assert _word(p, shmpool.Handle(0, *again._slot.ref, 0, 0, 0, 0)) == 0
         again.release()
         assert_balanced(p.stats())
@@ -714,8 +717,8 @@ def test_a_consumer_that_lends_on_takes_its_slot_back(manager: shmpool.ManagerPr
         got = b.attach(handle)
         _gone(c, pid)
         onward = got.detach()  # the slot is b's now: lent on as b's own
-        assert b._lent and b._janitor is not None
+        assert b._lending.lent and b._janitor is not None
         c.attach(onward).release()  # returned to b, by its word
-        wait_for(lambda: not b._lent and _word(b, handle) == 0)
+        wait_for(lambda: not b._lending.lent and _word(b, handle) == 0)
         assert _cached(b, handle) is not None
         assert_balanced(c.stats())

@@ -153,7 +153,7 @@ def test_detach_refuses_while_the_view_is_exported(
     with pytest.raises(BufferError, match=r"still exported .* release that export"):
         lease.detach()
     assert_open_and_writable(lease)
-    assert not pool._lent  # not lent: the slot is still ours alone
+    assert not pool._lending.lent  # not lent: the slot is still ours alone
     stats = pool.stats()
     assert stats["in_transit"] == 0
     assert_balanced(stats)
@@ -193,7 +193,7 @@ def test_pickling_refuses_while_the_view_is_exported(
     with pytest.raises(BufferError, match="exported"):
         pickle.dumps(lease)
     assert_open_and_writable(lease)
-    assert not pool._lent
+    assert not pool._lending.lent
     assert pool.stats()["in_transit"] == 0
 
     exported.release()

@@ -42,13 +42,13 @@ def _token(handle: shmpool.Handle) -> int:
 
 
 def _ticket(pool: shmpool.Pool, handle: shmpool.Handle) -> int:
-    seg = pool._segments[handle.segment]
+    seg = pool._conn.segments[handle.segment]
     return int(buffer._speedups.load64(seg.tickets, 8 * handle.index))
 
 
 def test_the_manager_says_tickets_are_on(mgr: shmpool.ManagerProcess) -> None:
     with mgr.connect() as pool:
-        assert pool._tickets_on
+        assert pool._conn.tickets_on
         lease = pool.acquire(SIZE)
         handle = lease.detach()
         assert _ticket(pool, handle) == lent_word(_token(handle), handle.generation)  # published
@@ -70,7 +70,7 @@ def test_a_handoff_sends_nothing_and_the_slot_comes_back_by_its_word(
 ) -> None:
     with _quiet_pool(mgr) as a, _quiet_pool(mgr) as b:
         _mapped(a, b)
-        a._reclaim_lent()  # the slot _mapped lent
+        a._lending.reclaim_lent()  # the slot _mapped lent
         lease = a.acquire(SIZE)
         lease.view[:4] = b"tick"
         sent_a, sent_b = a.messages, b.messages
@@ -82,7 +82,7 @@ def test_a_handoff_sends_nothing_and_the_slot_comes_back_by_its_word(
         got.release()
         assert _ticket(a, handle) == returned_word(handle.generation)
         assert (a.messages, b.messages) == (sent_a, sent_b)  # not a word to the manager
-        assert a._reclaim_lent() == 1  # the lender takes it back, in its cache
+        assert a._lending.reclaim_lent() == 1  # the lender takes it back, in its cache
         assert _ticket(a, handle) == 0
         slot = a._caches[1][-1]
         assert (slot.ref.segment, slot.ref.index) == (handle.segment, handle.index)
@@ -124,8 +124,8 @@ def test_the_janitor_sends_what_is_queued(mgr: shmpool.ManagerProcess) -> None:
         # no call of either pool sends them: their janitors do, within a period
         stats = wait_for(
             lambda: (
-                not a._notices
-                and not b._notices
+                not a._conn.notices
+                and not b._conn.notices
                 and (s := mgr.stats())["in_transit"] == 0
                 and any(c["id"] == b.client_id and c["leased"] for c in s["clients"])
                 and s
@@ -200,7 +200,7 @@ def _claim_and_die(address: str, handle: shmpool.Handle, w: int) -> None:
     try:
         pool = shmpool.connect(address, name="claimer")
         pool.acquire(SIZE).release()  # maps the segment the handle names
-        seg = pool._segments[handle.segment]
+        seg = pool._conn.segments[handle.segment]
         claimed = claim_word(pool.client_id, handle.generation)
         word = lent_word(_token(handle), handle.generation)
         ok = buffer._speedups.cas64(seg.tickets, 8 * handle.index, word, claimed)
@@ -228,7 +228,7 @@ def test_a_borrower_that_dies_gives_the_slot_back_to_its_lender() -> None:
         assert_balanced(stats)
         # the manager wrote it returned; the lender's janitor takes it back
         wait_for(lambda: _ticket(a, handle) == 0)
-        assert not a._lent
+        assert not a._lending.lent
         with pytest.raises(shmpool.StaleHandleError):
             a.attach(handle)
 
@@ -237,7 +237,7 @@ def _handle_by_hand(pool: shmpool.Pool, lease: shmpool.Lease) -> shmpool.Handle:
     """What detach() does, minus the Detach message: publish a token, build a handle."""
     slot = lease._slot
     token = 0x5EED_1234_5678_9ABD
-    pool._publish_ticket(slot.ref, ticket_word(token, slot.ref.generation + 1))
+    pool._lending._publish_ticket(slot.ref, ticket_word(token, slot.ref.generation + 1))
     lease._disown()
     ref = slot.ref
     length, capacity = len(slot.view), slot.capacity
@@ -537,6 +537,21 @@ def test_a_pool_subclass_lends_through_getattr(mgr: shmpool.ManagerProcess) -> N
         assert_balanced(a.stats())
 
 
-def test_configure_members_refuses_a_class_without_the_slots() -> None:
-    with pytest.raises(TypeError, match="__slots__ member"):
-        buffer._speedups.configure_members(shmpool.Pool, object)
+@pytest.mark.skipif(not buffer.SPEEDUPS, reason="needs the C extension")
+def test_c_reads_the_collaborators_it_is_given_by_name(manager: Any) -> None:
+    """The C paths get a connection and a lending as arguments, and read them by name:
+    something else in their place is an AttributeError naming what was missing."""
+    c = buffer._speedups
+    with manager.connect() as pool:
+        lease = pool.acquire(SIZE)
+        fields = (pool.manager_instance, 0, 0, 1, 1, 1, SIZE, 0)
+        with pytest.raises(AttributeError, match="tickets_on"):
+            c.take(object(), pool._lending, fields)
+        with pytest.raises(AttributeError, match="'pool'"):
+            c.hand_off(pool._conn, object(), lease)
+        with pytest.raises(AttributeError, match="'lent'"):
+            c.reclaim(pool._conn, object())
+        with pytest.raises(TypeError):
+            c.take(pool._conn, pool._lending)  # three arguments, not two
+        assert not lease.closed  # nothing happened to it
+        lease.release()

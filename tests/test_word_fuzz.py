@@ -729,7 +729,7 @@ def _scribbler(address: str, ready: Any) -> None:
     keep = [pool.acquire(size) for size in REAL_SIZES for _ in range(3)]
     ready.set()
     while keep:
-        for seg in list(pool._segments.values()):
+        for seg in list(pool._conn.segments.values()):
             if seg.tickets is None:
                 continue
             for offset in range(0, len(seg.tickets), 8):
