@@ -10,12 +10,15 @@ socket; workers write through a memoryview and give the slot back.
             lease.view[:5] = b"hello"
 """
 
+from . import mp as mp  # shmpool.mp.initializer works after a plain `import shmpool`
 from .address import ENV_VAR
 from .buffer import Lease
 from .client import Pool, connect
+from .default import get_pool, set_default_address
 from .embedded import ManagerProcess, start
 from .errors import (
     AccessDeniedError,
+    AddressNotSetError,
     LeaseClosedError,
     ManagerGoneError,
     PoolClosedError,
@@ -42,6 +45,7 @@ _attach_anywhere = rebuild_lease
 __all__ = [
     "ENV_VAR",
     "AccessDeniedError",
+    "AddressNotSetError",
     "Handle",
     "Lease",
     "LeaseClosedError",
@@ -61,8 +65,10 @@ __all__ = [
     "__version__",
     "connect",
     "format_stats",
+    "get_pool",
     "parse_size",
     "rebuild_buffer",
     "rebuild_lease",
+    "set_default_address",
     "start",
 ]

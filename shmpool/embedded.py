@@ -15,6 +15,7 @@ from typing import Any
 
 from .address import ENV_VAR, resolve, unique_address
 from .client import Pool
+from .envdefaults import serve_variables
 from .errors import ManagerGoneError, ShmpoolError
 from .sizeclass import Classes, parse_size
 
@@ -204,9 +205,13 @@ def _child_env() -> dict[str, str]:
 
     The manager must run the very package this process imported (an installed
     one, or a source tree on ``sys.path``), not whatever ``python -m`` would
-    find in the current directory.
+    find in the current directory. The ``SHMPOOL_*`` defaults of ``shmpool
+    serve`` are left out: this manager's settings are ``start()``'s arguments
+    (a ``SHMPOOL_METRICS_PORT`` meant for a service would clash here).
     """
     env = dict(os.environ)
+    for name in serve_variables():
+        env.pop(name, None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env

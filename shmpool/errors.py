@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "CODES",
     "AccessDeniedError",
+    "AddressNotSetError",
     "LeaseClosedError",
     "ManagerGoneError",
     "PoolClosedError",
@@ -49,6 +50,12 @@ class PoolClosedError(UsageError):
     """The pool (client connection) was closed by this process."""
 
     code = "pool_closed"
+
+
+class AddressNotSetError(UsageError):
+    """No manager address is known to this process, so the default pool cannot connect."""
+
+    code = "no_address"
 
 
 class PoolExhaustedError(ShmpoolError):
@@ -100,6 +107,7 @@ CODES: dict[str, type[ShmpoolError]] = {
         UsageError,
         LeaseClosedError,
         PoolClosedError,
+        AddressNotSetError,
         PoolExhaustedError,
         QuotaExceededError,
         ManagerGoneError,

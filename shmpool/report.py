@@ -13,7 +13,14 @@ from typing import Any
 from .sizeclass import format_size
 from .suggest import Suggestion, covering, request_histogram
 
-__all__ = ["balanced", "efficiency", "format_stats", "format_suggestion"]
+__all__ = [
+    "balanced",
+    "efficiency",
+    "format_stats",
+    "format_suggestion",
+    "format_summary",
+    "printable",
+]
 
 # (header, width) of the class table; the byte columns only when the stats have them
 _SLOT_COLUMNS = (("class", 8), ("segments", 8), ("total", 7), ("free", 7), ("leased", 7))
@@ -177,14 +184,78 @@ def _oversize_line(over: dict[str, Any]) -> str:
 
 
 def _client_lines(stats: dict[str, Any]) -> list[str]:
+    """One line per client, its whole name shown (made printable), then the cache counters."""
     clients = stats.get("clients", [])
     omitted = stats.get("clients_omitted", 0)
     lines = [f"clients: {len(clients) + omitted}" + (f" ({omitted} not listed)" if omitted else "")]
-    for c in clients:
+    names = [printable(c.get("name", "")) for c in clients]
+    width = max(map(len, names), default=0)
+    for c, name in zip(clients, names, strict=True):
         requested = c.get("requested_bytes")
         req = f"  requested {format_size(requested):>8}" if isinstance(requested, int) else ""
-        lines.append(
-            f"  pid {c['pid']:>7} {c.get('name', '')[:20]:<20} leased {c['leased']:>5}{req}  "
+        line = (
+            f"  pid {c['pid']:>7} {name:<{width}}  leased {c['leased']:>5}{req}  "
             f"messages {c.get('messages', 0):>6}  cache hits {c.get('cache_hits', 0):>8}"
         )
+        if isinstance(c.get("manager_acquires"), int):
+            line += f"  slots from manager {c['manager_acquires']:>6}"
+        lines.append(line.rstrip())
+    lines += _cache_lines(stats)
     return lines
+
+
+def _cache_lines(stats: dict[str, Any]) -> list[str]:
+    """The cache counters of all clients together, and of the asking process (``local``)."""
+    clients = stats.get("clients", [])
+    lines = []
+    if any(isinstance(c.get("manager_acquires"), int) for c in clients):
+        hits = sum(c.get("cache_hits", 0) for c in clients)
+        refills = sum(c.get("manager_acquires", 0) for c in clients)
+        lines.append(f"local caches: {hits} hits, {refills} slots granted by the manager")
+    local = stats.get("local")
+    if isinstance(local, dict) and "cache_hits" in local:
+        cached = local.get("cached") or {}
+        slots = ", ".join(
+            f"{n} x {format_size(int(size))}" for size, n in sorted(cached.items(), key=_by_size)
+        )
+        lines.append(
+            f"this process (pid {local.get('pid', '?')}): {local['cache_hits']} cache hits, "
+            f"{local.get('manager_acquires', 0)} slots from the manager, "
+            f"cached: {slots or 'none'}"
+        )
+    return lines
+
+
+def _by_size(item: tuple[str, Any]) -> int:
+    return int(item[0])
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a client chooses its name, not our terminal."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def format_summary(stats: dict[str, Any]) -> str:
+    """The stats in one line, for a log (``shmpool serve`` on SIGHUP)."""
+    classes = stats.get("classes", [])
+    over = stats.get("oversize", {})
+    clients = stats.get("clients", [])
+    parts = [
+        f"clients {len(clients) + stats.get('clients_omitted', 0)}",
+        f"committed {_size(stats.get('committed_bytes'))} of {_size(stats.get('memory_limit'))}"
+        f" (peak {_size(stats.get('peak_committed_bytes'))})",
+        f"leased {_size(stats.get('leased_bytes'))}",
+        f"requested {_size(stats.get('requested_bytes'))}",
+        f"slots leased {sum(c.get('leased', 0) for c in classes)}"
+        f"/{sum(c.get('total', 0) for c in classes)}",
+        f"in transit {stats.get('in_transit', 0)}",
+        f"oversize {over.get('leases', 0)} ({_size(over.get('bytes', 0))})",
+    ]
+    if any("manager_acquires" in c for c in clients):
+        hits = sum(c.get("cache_hits", 0) for c in clients)
+        refills = sum(c.get("manager_acquires", 0) for c in clients)
+        parts.append(f"cache hits {hits}, slots granted {refills}")
+    waiting = stats.get("manager", {}).get("waiting")
+    if waiting:
+        parts.append(f"{waiting} acquires waiting")
+    return ", ".join(parts)
