@@ -156,6 +156,22 @@ def _fd_target(fd: int) -> str:
 
 
 @pytest.fixture
+def fresh_default_pool() -> Iterator[None]:
+    """No default pool (``shmpool.get_pool()``) and no default address, before and after."""
+    saved_env = os.environ.get(shmpool.ENV_VAR)
+    saved_address = shmpool.default._address
+    shmpool.default.close_pool()
+    shmpool.default._address = None
+    yield
+    shmpool.default.close_pool()
+    shmpool.default._address = saved_address
+    if saved_env is None:
+        os.environ.pop(shmpool.ENV_VAR, None)
+    else:
+        os.environ[shmpool.ENV_VAR] = saved_env
+
+
+@pytest.fixture
 def manager() -> Iterator[shmpool.ManagerProcess]:
     """A manager with a 64 MiB budget, stopped after the test."""
     with shmpool.start(memory="64MiB") as mgr:

@@ -8,7 +8,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,20 +21,7 @@ from shmpool.address import ENV_VAR, unique_address
 THREADS = 8
 
 
-@pytest.fixture(autouse=True)
-def _fresh_default() -> Iterator[None]:
-    """Each test starts with no default pool and no default address, and leaves none."""
-    saved_env = os.environ.get(ENV_VAR)
-    saved_address = shmpool.default._address
-    shmpool.default.close_pool()
-    shmpool.default._address = None
-    yield
-    shmpool.default.close_pool()
-    shmpool.default._address = saved_address
-    if saved_env is None:
-        os.environ.pop(ENV_VAR, None)
-    else:
-        os.environ[ENV_VAR] = saved_env
+pytestmark = pytest.mark.usefixtures("fresh_default_pool")
 
 
 def in_threads(target: Callable[[], object], n: int = THREADS) -> list[object]:

@@ -11,7 +11,6 @@ import multiprocessing
 import multiprocessing.context
 import os
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -27,20 +26,7 @@ SIZES = [4096 * (1 + i % 16) for i in range(40)]
 _tag = ""
 
 
-@pytest.fixture(autouse=True)
-def _fresh_default() -> Iterator[None]:
-    """No default pool or address in this process (a fork child would inherit them)."""
-    saved_env = os.environ.get(ENV_VAR)
-    saved_address = shmpool.default._address
-    shmpool.default.close_pool()
-    shmpool.default._address = None
-    yield
-    shmpool.default.close_pool()
-    shmpool.default._address = saved_address
-    if saved_env is None:
-        os.environ.pop(ENV_VAR, None)
-    else:
-        os.environ[ENV_VAR] = saved_env
+pytestmark = pytest.mark.usefixtures("fresh_default_pool")  # a fork child would inherit them
 
 
 def crc_task(size: int) -> tuple[int, int, str]:
