@@ -4,22 +4,19 @@ Pure data structures, no I/O: memory comes from an injected ``allocate(size)``
 callable returning a ``Backing`` (something with ``fd`` and ``close()``), so
 every rule here is unit-tested without a process or a byte of shared memory.
 
-The lease state machine, per slot:
-
-    free --acquire(conn)--> leased(conn) --release(conn)--> free
-                                 \\--drop(conn)-----------/
-
-Every transition bumps the slot's *generation*, so a reference taken before a
-transition (stale generation) is refused, as is a reference to a slot held by
-another connection. ``release`` checks every reference in a batch before it
-frees any, so a bad batch changes nothing. Per class,
-``total == free + leased + in_transit`` always.
+Each slot is in one of five states, and moves between them only by
+``slots.move``, which checks each move against the table of allowed ones
+(``slots.MOVES``) and keeps the counters. A move that lets a slot go bumps
+its *generation*, so a reference taken before it (stale generation) is
+refused, as is a reference to a slot held by another connection.
+``release`` checks every reference in a batch before it frees any, so a bad
+batch changes nothing. Per class, ``total == free + leased + in_transit``
+always.
 
 Clients write the ticket words, so the books never trust a word beyond what
-they could have made: a claim counts only for a live client that maps the
-segment (``_claimer``), a generation only as far ahead as lending reaches
-(``LEND_AHEAD``, ``MAX_GENERATION``), and any other value is garbage with
-one safe outcome per function (each says which).
+they could have made (see ``reconcile``, which reads the words of lent slots
+where the books cannot: a dropped lender, orphans, gone borrowers, the
+census).
 
 Memory moves. The budget counts memory *committed* (pages backed in
 ``/dev/shm``), not segments made: a class segment is made with no slot
@@ -49,144 +46,65 @@ import hmac
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from .errors import PoolExhaustedError, StaleHandleError
 from .protocol import (
     MAX_BATCH,
     MAX_FDS,
-    MAX_ID,
     NOTICE_DETACHED,
     NOTICE_RETURNED,
     NOTICE_WORDS,
     SegmentInfo,
     SlotRef,
 )
+from .reconcile import LEND_AHEAD, MAX_GENERATION, Reconciler, TicketOps, Words, ahead
 from .sizeclass import MAX_SHIFT, Classes, format_size
+from .slots import (
+    FREE,
+    ORPHAN,
+    SHARED,
+    TRANSIT,
+    Backing,
+    BooksError,
+    ClassBooks,
+    ClientBooks,
+    Segment,
+    move,
+)
 from .ticket import (
-    ANY_CLAIM,
-    ANY_LENT,
     claim_word,
-    claimer_of,
-    claims_by,
-    generation_at_least,
-    generation_low31,
     is_claim_for,
-    is_claimed,
-    is_lent,
-    is_ticket,
     lent_word,
     returned_word,
     ticket_word,
     token_maker,
-    token_of,
-    word_low31,
 )
 
-__all__ = ["DEFAULT_SEGMENT_BYTES", "Arena", "Backing", "Grant"]
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES",
+    "LEND_AHEAD",
+    "MAX_GENERATION",
+    "ORPHAN",
+    "SHARED",
+    "TRANSIT",
+    "Arena",
+    "Backing",
+    "BooksError",
+    "Grant",
+    "TicketOps",
+]
 
 #: Small classes pack slots into segments of about this many bytes.
 DEFAULT_SEGMENT_BYTES = 4 << 20
-#: The holder of a slot in transit between clients (connection ids are > 0).
-TRANSIT = -1
-#: The holder of a slot shared read-only by several clients.
-SHARED = -2
-#: The holder of a slot whose lender went while it was lent out (its word
-#: says where it is: in transit, claimed, or returned).
-ORPHAN = -3
 #: How much longer a late slot waits for a live claimer's notice.
 CLAIM_GRACE = 1.0
 #: Oversize segments are rounded up to whole pages, not to a power of two.
 PAGE = 4096
-#: How far a lender may name a generation ahead of the books. It moves its
-#: slot on without telling the manager: 1 for each handoff of a lend, 1 + 2**31
-#: for a lend that expired (client ``_reclaim_lent``). 2**48 is some 130,000
-#: expired lends, or years of handoffs, of one slot between two releases.
-LEND_AHEAD = 1 << 48
-#: No generation a client names is taken past this: the manager's own steps
-#: (1 each) then never take one past ``MAX_ID``, the most the wire carries.
-MAX_GENERATION = MAX_ID - LEND_AHEAD
 #: A slot granted past this generation goes on from its generation minus this
 #: (``_grant``). Only forged generations get there; a slot they pushed up
 #: leaves every next holder all of ``LEND_AHEAD`` below ``MAX_GENERATION``.
 GENERATION_WRAP = 1 << 62
-
-
-class Backing(Protocol):
-    """The memory behind a segment, as the arena sees it."""
-
-    fd: int
-
-    def close(self) -> None: ...
-
-
-class TicketOps(Protocol):
-    """Atomic operations on the ticket words at the start of a segment."""
-
-    def cas64(self, buffer: Any, offset: int, expected: int, new: int) -> bool: ...
-
-    def load64(self, buffer: Any, offset: int) -> int: ...
-
-    def store64(self, buffer: Any, offset: int, value: int) -> None: ...
-
-    # optional: find_words(buffer, count, mask, value) -> indices of matching words
-
-
-@dataclass(eq=False)
-class Segment:
-    id: int
-    size: int
-    slot_size: int
-    backing: Backing
-    cls: _Class | None  # None for an oversize segment
-    holders: list[int] = field(default_factory=list)  # conn id per slot, 0 = free
-    generations: list[int] = field(default_factory=list)
-    header: int = 0  # bytes of ticket words before the first slot
-    unit_shift: int = 0  # a unit of committed memory holds 2**unit_shift slots
-    units: bytearray = field(default_factory=bytearray)  # per unit: 1 if committed
-
-    @property
-    def nslots(self) -> int:
-        return len(self.holders)
-
-    def info(self) -> SegmentInfo:
-        return SegmentInfo(self.id, self.size, self.slot_size, self.header)
-
-
-@dataclass(eq=False)
-class _Class:
-    slot_size: int
-    per_segment: int
-    free: list[tuple[Segment, int]] = field(default_factory=list)  # a stack: top is hot
-    segments: list[Segment] = field(default_factory=list)
-    total: int = 0
-    leased: int = 0
-    in_transit: int = 0
-    committed: int = 0  # bytes of this class's slots backed by memory
-    low: int = 0  # the free list's least height since the last idle pass
-    prev_low: int = 0  # ... and in the interval before it
-    bare: int = 0  # free[:bare] was looked at by a decommit pass and nothing taken since
-
-
-@dataclass(eq=False)
-class _Conn:
-    id: int
-    pid: int
-    name: str
-    held: set[tuple[int, int]] = field(default_factory=set)
-    known: set[int] = field(default_factory=set)  # segment ids this client has mapped
-    # handoffs applied before this client's own notice came: (segment, index) -> token
-    handed: dict[tuple[int, int], int] = field(default_factory=dict)
-    # ticket_token with its key; None: its tokens are not checked (tests of the books)
-    token: Callable[[int, int, int], int] | None = None
-    lends: bool = False  # it lends class slots by their words (no DETACHED notice)
-    # slots the manager claimed for it (it has no atomics) -> the handle's generation
-    borrowed: dict[tuple[int, int], int] = field(default_factory=dict)
-    messages: int = 0
-    manager_acquires: int = 0
-    cache_hits: int = 0
-    # bytes of its open leases, by (length - 1).bit_length() (its last Usage)
-    requested: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -228,9 +146,11 @@ class Arena:
         # With ticket operations, every segment starts with a ticket word per
         # slot and allocate(size, header) must give backings with ``tickets``.
         self._tickets = tickets
-        self._classes = [_Class(size, max(1, segment_bytes // size)) for size in classes.sizes()]
+        self._classes = [
+            ClassBooks(size, max(1, segment_bytes // size)) for size in classes.sizes()
+        ]
         self._segments: dict[int, Segment] = {}
-        self._conns: dict[int, _Conn] = {}
+        self._conns: dict[int, ClientBooks] = {}
         self._ids = itertools.count(1)
         self.mapped = 0  # slot bytes of every segment (address space, not memory)
         self.committed = 0  # slot bytes backed by memory: what the budget counts
@@ -243,8 +163,24 @@ class Arena:
         # (segment id, index) -> (token, deadline) for slots handed between clients
         self._transit: dict[tuple[int, int], tuple[int, float]] = {}
         self._shares: dict[tuple[int, int], _Share] = {}
+        # the ticket words, and the reconciling of lent slots by them
+        self._words = Words(tickets) if tickets is not None else None
+        self._lent = (
+            Reconciler(
+                self._words,
+                self._segments,
+                self._conns,
+                self._classes,
+                self._free,
+                self._put_in_transit,
+            )
+            if self._words is not None
+            else None
+        )
         # (segment id, index) -> [word seen, deadline, timeout] for ORPHAN slots
-        self._orphans: dict[tuple[int, int], list[Any]] = {}
+        self._orphans: dict[tuple[int, int], list[Any]] = (
+            self._lent.orphans if self._lent is not None else {}
+        )
 
     # ------------------------------------------------------------ connections
 
@@ -260,7 +196,7 @@ class Arena:
         if conn in self._conns or conn <= 0:
             raise ValueError(f"connection id {conn} is taken or invalid")
         token = token_maker(key) if key else None
-        self._conns[conn] = _Conn(conn, pid, name, token=token, lends=lends)
+        self._conns[conn] = ClientBooks(conn, pid, name, token=token, lends=lends)
 
     def drop_conn(self, conn: int, now: float = 0.0, transit_timeout: float = 30.0) -> int:
         """Forget a connection and return every slot it held; returns how many.
@@ -275,10 +211,14 @@ class Arena:
         held = list(c.held)
         for seg_id, index in held:
             seg = self._segments[seg_id]
-            if not (seg.header and self._reconcile_dropped(seg, index, c, now, transit_timeout)):
+            if not (
+                seg.header
+                and self._lent is not None
+                and self._lent.dropped(seg, index, c, now, transit_timeout)
+            ):
                 self._free(seg, index, c)
-        if self._tickets is not None:
-            self._return_borrowed(c)
+        if self._lent is not None:
+            self._lent.return_borrowed(c)
         for key, share in list(self._shares.items()):
             if share.readers.pop(conn, 0):
                 self._settle_share(key)
@@ -353,20 +293,15 @@ class Arena:
         return True
 
     def _put_in_transit(
-        self, seg: Segment, index: int, c: _Conn, token: int, deadline: float
+        self, seg: Segment, index: int, c: ClientBooks, token: int, deadline: float
     ) -> None:
         """The holder ``c`` lets go of a slot, which waits for an attach under ``token``."""
-        seg.holders[index] = TRANSIT
-        seg.generations[index] += 1  # the handle names the next generation
-        c.held.discard((seg.id, index))
-        if seg.cls is not None:
-            seg.cls.leased -= 1
-            seg.cls.in_transit += 1
-        else:
+        move(seg, index, TRANSIT, seg.generations[index] + 1, c)  # the handle names the next
+        if seg.cls is None:
             c.known.discard(seg.id)  # the client unmaps a detached oversize segment
         self._transit[(seg.id, index)] = (token, deadline)
         if seg.header:  # a sender without atomics leaves the word at 0: publish for it
-            self._ticket_cas(seg, index, 0, ticket_word(token, seg.generations[index]))
+            self._cas(seg, index, 0, ticket_word(token, seg.generations[index]))
 
     def share(self, conn: int, ref: SlotRef, token: int, readers: int, deadline: float) -> SlotRef:
         """Publish a slot of ``conn`` to ``readers`` attaches, read-only.
@@ -380,15 +315,13 @@ class Arena:
         """
         c = self._conns[conn]
         seg, index = self._check(c, ref)
-        seg.holders[index] = SHARED
-        seg.generations[index] += 1
-        c.held.discard((seg.id, index))
+        move(seg, index, SHARED, seg.generations[index] + 1, c)
         if seg.cls is None:
             c.known.discard(seg.id)  # the client unmaps it; a reader maps it anew
         self._shares[(seg.id, index)] = _Share(token, readers, deadline)
         return SlotRef(seg.id, index, seg.generations[index])
 
-    def _attach_shared(self, c: _Conn, seg: Segment, ref: SlotRef, token: int) -> Grant:
+    def _attach_shared(self, c: ClientBooks, seg: Segment, ref: SlotRef, token: int) -> Grant:
         share = self._shares[(seg.id, ref.index)]
         if (
             share.pending <= 0
@@ -470,193 +403,16 @@ class Arena:
                 "already, its transit time ran out, or it is forged"
             )
         word = ticket_word(entry[0], ref.generation)
-        if seg.header and not self._ticket_cas(seg, ref.index, word, 0):
+        if seg.header and not self._cas(seg, ref.index, word, 0):
             raise StaleHandleError(f"handle for slot {ref.segment}:{ref.index} was claimed already")
         del self._transit[key]
-        if seg.cls is not None:
-            seg.cls.in_transit -= 1
         return self._grant(c, seg.slot_size, [(seg, ref.index)])
 
     # ---------------------------------------------------------------- tickets
 
-    def _ticket_store(self, seg: Segment, index: int, value: int) -> None:
-        assert self._tickets is not None
-        self._tickets.store64(seg.backing.tickets, 8 * index, value)  # type: ignore[attr-defined]
-
-    def _ticket_cas(self, seg: Segment, index: int, expected: int, new: int) -> bool:
-        assert self._tickets is not None
-        return self._tickets.cas64(seg.backing.tickets, 8 * index, expected, new)  # type: ignore[attr-defined]
-
-    def _ticket_load(self, seg: Segment, index: int) -> int:
-        assert self._tickets is not None
-        return self._tickets.load64(seg.backing.tickets, 8 * index)  # type: ignore[attr-defined]
-
-    def _find_words(self, seg: Segment, mask: int, value: int) -> list[int]:
-        """Indices of ``seg``'s ticket words ``w`` with ``w & mask == value``."""
-        ops = self._tickets
-        assert ops is not None
-        find = getattr(ops, "find_words", None)
-        if find is not None:
-            return find(seg.backing.tickets, seg.nslots, mask, value)  # type: ignore[attr-defined,no-any-return]
-        tickets = seg.backing.tickets  # type: ignore[attr-defined]
-        return [i for i in range(seg.nslots) if ops.load64(tickets, 8 * i) & mask == value]
-
-    def _claimer(self, seg: Segment, word: int) -> _Conn | None:
-        """The live client that a claimed ``word`` of ``seg`` names, or None.
-
-        Clients write the words, so a claim counts only if its client could
-        have made it: one that has ``seg`` mapped (claiming by the word needs
-        the mapping; a claim the manager made for it mapped it too). A claim
-        naming anyone else, and ``returned_word`` (client 0), name nobody.
-        """
-        c = self._conns.get(claimer_of(word))
-        return c if c is not None and seg.id in c.known else None
-
-    def _reconcile_dropped(
-        self, seg: Segment, index: int, c: _Conn, now: float, timeout: float
-    ) -> bool:
-        """A dropped holder's slot, by what its ticket word says; True if kept.
-
-        0 or returned: the slot is free. Claimed by a live client: it is that
-        client's now (it holds it, lent or handed on). A lender's ticket: an
-        orphan, in transit until ``now + timeout``, its word watched. The
-        manager's own ticket (a handoff it was told of): in transit.
-
-        The word may hold anything, and whatever it holds the slot goes to
-        one place: a claim that names nobody (``_claimer``) and a lender's
-        ticket on a slot nobody lends (oversize) free it; any other ticket
-        puts it in transit, under a token nobody may have, until it expires.
-        """
-        key = (seg.id, index)
-        for _ in range(8):  # the word may move while we look: a borrower acts meanwhile
-            value = self._ticket_load(seg, index)
-            if value == 0:
-                return False
-            if is_claimed(value):
-                claimer = self._claimer(seg, value)
-                if not self._ticket_cas(seg, index, value, 0):
-                    continue
-                if claimer is None:
-                    return False  # returned, or claimed by a client that is gone too
-                c.held.discard(key)
-                self._give(
-                    seg, index, claimer, self._claimed_generation(seg, index, claimer, value)
-                )
-                return True
-            if is_lent(value):
-                if seg.cls is None:
-                    return False  # only class slots are lent: the word is garbage
-                self._orphan(seg, index, c, value, now, timeout)
-                return True
-            token = token_of(value, seg.generations[index] + 1)
-            self._put_in_transit(seg, index, c, token, now + timeout)
-            return True
-        self._orphan(seg, index, c, self._ticket_load(seg, index), now, timeout)
-        return True
-
-    def _claimed_generation(self, seg: Segment, index: int, claimer: _Conn, word: int) -> int:
-        """The generation of the handle ``claimer`` holds the slot by (its claim ``word``).
-
-        The word keeps 31 bits of it; a lender's generations move on without
-        the books, so the books' one is only a floor. The manager remembers
-        the whole generation for a client it claimed for (one without atomics,
-        which names it exactly when it lets go), if the word and the books
-        still agree with it (the word may have been written over since).
-        Never past ``MAX_GENERATION``: only a written word takes it there.
-        """
-        low31 = word_low31(word)
-        books = seg.generations[index]
-        known = claimer.borrowed.pop((seg.id, index), None)
-        if known is not None and generation_low31(known) == low31 and _ahead(books, known):
-            return known
-        return min(generation_at_least(low31, books), max(books, MAX_GENERATION))
-
-    def _give(self, seg: Segment, index: int, c: _Conn, generation: int) -> None:
-        """Books: ``c`` holds the slot (leased or lent to it, or an orphan's claimer)."""
-        seg.holders[index] = c.id
-        seg.generations[index] = generation
-        c.held.add((seg.id, index))
-        c.known.add(seg.id)
-
-    def _orphan(
-        self, seg: Segment, index: int, c: _Conn, word: int, now: float, timeout: float
-    ) -> None:
-        """The lender ``c`` went while the slot was out: watch its word until it settles."""
-        seg.holders[index] = ORPHAN
-        c.held.discard((seg.id, index))
-        if seg.cls is not None:
-            seg.cls.leased -= 1
-            seg.cls.in_transit += 1
-        self._orphans[(seg.id, index)] = [word, now + timeout, timeout]
-
-    def _settle_orphans(self, now: float | None) -> int:
-        """Orphans whose words settled: claimed (to the claimer), returned or expired (freed).
-
-        With ``now`` None (no clock at hand), only claimed and returned ones
-        settle; a ticket waits for the next call with the time. Returns how
-        many left the orphans.
-        """
-        return sum(self._settle_orphan(key, now) for key in list(self._orphans))
-
-    def _settle_orphan(self, key: tuple[int, int], now: float | None) -> bool:
-        """``_settle_orphans`` for one orphan; True if it settled.
-
-        The word may hold anything. A claim counts only if its client could
-        have made it (``_claimer``); any other claim names nobody, and the
-        slot is freed, as for 0 (which only the manager writes to an orphan's
-        word, and then it is no orphan). Only a new lender's ticket (a
-        borrower handed the slot on) gives it a new handle's time; any other
-        ticket waits out the time it has.
-        """
-        entry = self._orphans[key]
-        seg = self._segments[key[0]]
-        index = key[1]
-        value = self._ticket_load(seg, index)
-        claimer = self._claimer(seg, value) if is_claimed(value) else None
-        if is_ticket(value):  # it waits for its handle's time
-            if now is None:
-                return False
-            if is_lent(value) and value != entry[0]:
-                entry[0], entry[1] = value, now + entry[2]  # handed on: a new handle's time
-                return False
-            if entry[1] > now:
-                return False
-        if not self._ticket_cas(seg, index, value, 0):
-            return False  # it moved: next time
-        del self._orphans[key]
-        if seg.cls is not None:
-            seg.cls.in_transit -= 1
-            seg.cls.leased += 1  # _free counts it out of leased; a claimer holds it
-        if claimer is None:
-            self._free(seg, index, None)  # returned, expired, or nobody's
-        else:
-            self._give(seg, index, claimer, self._claimed_generation(seg, index, claimer, value))
-        return True
-
-    def _return_borrowed(self, c: _Conn) -> None:
-        """The dropped client ``c`` held slots lent to it: back to their lenders.
-
-        Its claim in a word becomes ``returned_word``, which a live lender
-        takes back; an orphan's claim frees the slot. A word that only looks
-        like its claim (written over) goes the same way: it names a slot
-        that a live lender holds or that nobody does.
-        """
-        mask, want = claims_by(c.id)
-        orphans = []
-        for seg in list(self._segments.values()):
-            if not seg.header:
-                continue
-            for index in self._find_words(seg, mask, want):
-                value = self._ticket_load(seg, index)
-                holder = seg.holders[index]
-                if value & mask != want or not (holder == ORPHAN or holder in self._conns):
-                    continue
-                returned = self._ticket_cas(seg, index, value, returned_word(word_low31(value)))
-                if returned and holder == ORPHAN:
-                    orphans.append((seg.id, index))
-        for key in orphans:  # each one looked at once, however many there are
-            if key in self._orphans:
-                self._settle_orphan(key, None)  # frees it (returned)
+    def _cas(self, seg: Segment, index: int, expected: int, new: int) -> bool:
+        assert self._words is not None
+        return self._words.cas(seg, index, expected, new)
 
     def give_back(self, conn: int, ref: SlotRef) -> None:
         """``conn`` lets go of a slot lent to it, for which the manager claimed it.
@@ -674,16 +430,17 @@ class Arena:
             raise StaleHandleError(f"no slot {ref.segment}:{ref.index} is lent to this client")
         claimed = claim_word(c.id, ref.generation)
         c.borrowed.pop((ref.segment, ref.index), None)
-        if self._ticket_cas(seg, ref.index, claimed, returned_word(ref.generation)):
+        if self._cas(seg, ref.index, claimed, returned_word(ref.generation)):
             if seg.holders[ref.index] == ORPHAN:
-                self._settle_orphan((seg.id, ref.index), None)  # its lender is gone: free it now
+                assert self._lent is not None
+                self._lent.settle_orphan((seg.id, ref.index), None)  # lender gone: free it now
             return
         if seg.holders[ref.index] == c.id and seg.generations[ref.index] == ref.generation:
             self._free(seg, ref.index, c)
             return
         raise StaleHandleError(f"slot {ref.segment}:{ref.index} is not lent to this client")
 
-    def _attach_lent(self, c: _Conn, seg: Segment, ref: SlotRef, token: int) -> Grant | None:
+    def _attach_lent(self, c: ClientBooks, seg: Segment, ref: SlotRef, token: int) -> Grant | None:
         """``attach`` of a lent slot (or an orphan) whose word holds the handle's ticket.
 
         The manager claims it for ``c`` (the client may lack the mapping, or
@@ -700,18 +457,17 @@ class Arena:
             not seg.header
             or seg.cls is None
             or not (holder == ORPHAN or holder in self._conns)
-            or not _ahead(seg.generations[index], ref.generation)
+            or not ahead(seg.generations[index], ref.generation)
         ):
             return None
         lent = lent_word(token, ref.generation)
         if holder == ORPHAN:  # its lender is gone: the slot becomes the client's
-            if not self._ticket_cas(seg, index, lent, 0):
+            if not self._cas(seg, index, lent, 0):
                 return None
             del self._orphans[(seg.id, index)]
-            seg.cls.in_transit -= 1  # _grant counts it leased
             seg.generations[index] = ref.generation - 1  # _grant names the handle's
             return self._grant(c, seg.slot_size, [(seg, index)])
-        if not self._ticket_cas(seg, index, lent, claim_word(c.id, ref.generation)):
+        if not self._cas(seg, index, lent, claim_word(c.id, ref.generation)):
             return None
         if not c.lends:  # it names the whole generation when it lets go: remember it
             c.borrowed[(seg.id, index)] = ref.generation
@@ -750,15 +506,11 @@ class Arena:
         if seg is None or entry is None:
             raise StaleHandleError(f"no slot {ref.segment}:{ref.index} in transit under that token")
         del self._transit[key]
-        seg.holders[ref.index] = c.id
-        c.held.add(key)
+        move(seg, ref.index, c.id, seg.generations[ref.index], None, c)
         c.known.add(seg.id)
-        if seg.cls is not None:
-            seg.cls.in_transit -= 1
-            seg.cls.leased += 1
         if seg.header:
             # unless handed on again already (a later claim has another generation)
-            self._ticket_cas(seg, ref.index, claim_word(c.id, ref.generation), 0)
+            self._cas(seg, ref.index, claim_word(c.id, ref.generation), 0)
 
     def apply_notices(self, conn: int, flat: tuple[int, ...], deadline: float) -> int:
         """Apply ``conn``'s handoff notices (``Notices.flat``) in order.
@@ -778,7 +530,6 @@ class Arena:
         segments = self._segments
         transit = self._transit
         handed = c.handed
-        held = c.held
         cas = self._tickets.cas64 if self._tickets is not None else None
         for i in range(0, len(flat), NOTICE_WORDS):
             kind, segment, index, generation, token = flat[i : i + NOTICE_WORDS]
@@ -794,11 +545,7 @@ class Arena:
                     and seg.holders[index] == cid  # type: ignore[union-attr]
                     and seg.generations[index] == generation  # type: ignore[union-attr]
                 ):  # _put_in_transit, for a class slot this client holds
-                    seg.holders[index] = TRANSIT  # type: ignore[union-attr]
-                    seg.generations[index] = generation + 1  # type: ignore[union-attr]
-                    held.discard(key)
-                    cls.leased -= 1
-                    cls.in_transit += 1
+                    move(seg, index, TRANSIT, generation + 1, c)  # type: ignore[arg-type]
                     transit[key] = (token, deadline)
                     if cas is not None and seg.header:  # type: ignore[union-attr]
                         word = ticket_word(token, generation + 1)
@@ -817,11 +564,8 @@ class Arena:
                 and not entry[0] ^ token  # every bit compared: no early exit to time
             ):  # claim, for a class slot in transit under this token
                 del transit[key]
-                seg.holders[index] = cid  # type: ignore[union-attr]
-                held.add(key)
+                move(seg, index, cid, generation, None, c)  # type: ignore[arg-type]
                 c.known.add(segment)
-                cls.in_transit -= 1
-                cls.leased += 1
                 if cas is not None and seg.header:  # type: ignore[union-attr]
                     word = claim_word(cid, generation)
                     cas(seg.backing.tickets, 8 * index, word, 0)  # type: ignore[union-attr]
@@ -855,7 +599,7 @@ class Arena:
 
     def expire_transit(self, now: float) -> int:
         """Free slots whose transit deadline passed, settle orphans; returns how many."""
-        settled = self._settle_orphans(now) if self._orphans else 0
+        settled = self._lent.settle_orphans(now) if self._orphans and self._lent else 0
         lapsed = [key for key, sh in self._shares.items() if sh.pending and sh.deadline <= now]
         for key in lapsed:
             self._shares[key].pending = 0
@@ -867,25 +611,23 @@ class Arena:
                 late.remove((seg_id, index))
                 continue
             del self._transit[(seg_id, index)]
-            if seg.cls is not None:
-                seg.cls.in_transit -= 1
-                seg.cls.leased += 1  # _free counts it out of leased
             self._free(seg, index, None)
         return len(late) + len(lapsed) + settled
 
     def _expire_ticket(self, seg: Segment, index: int, now: float) -> bool:
         """Take a late slot's ticket back; False if a live claimer's notice is on its way.
 
-        A claim counts only if a live client could have made it (``_claimer``)
+        A claim counts only if a live client could have made it (``Reconciler.claimer``)
         by this slot's handle (its generation in the word); any other value
         is garbage, and the slot is freed.
         """
+        assert self._lent is not None
         token, _ = self._transit[(seg.id, index)]
         generation = seg.generations[index]
-        if self._ticket_cas(seg, index, ticket_word(token, generation), 0):
+        if self._cas(seg, index, ticket_word(token, generation), 0):
             return True
-        value = self._ticket_load(seg, index)
-        if is_claim_for(value, generation) and self._claimer(seg, value):
+        value = self._lent.words.load(seg, index)
+        if is_claim_for(value, generation) and self._lent.claimer(seg, value):
             self._transit[(seg.id, index)] = (token, now + CLAIM_GRACE)
             return False  # claimed: its notice is on its way from that connection
         return True  # claimed by a client that died before saying so, or garbage: free it
@@ -942,12 +684,7 @@ class Arena:
             return False
         if c.held or c.borrowed:
             return True
-        if self._tickets is None:
-            return False
-        mask, want = claims_by(conn)
-        return any(
-            seg.header and self._find_words(seg, mask, want) for seg in self._segments.values()
-        )
+        return self._lent is not None and self._lent.claims(conn)
 
     def held_bytes(self, conn: int) -> int:
         """Bytes of the slots ``conn`` holds (class capacity, or an oversize segment's size)."""
@@ -978,7 +715,7 @@ class Arena:
     def transit_count(self, slot_size: int) -> int:
         """Slots of one class in transit (detached, not attached yet)."""
         index = self._index(slot_size)
-        return self._classes[index].in_transit + self._lent_census()[0][index]
+        return self._classes[index].in_transit + self._census()[0][index]
 
     def _index(self, slot_size: int) -> int:
         index = self.classes.index_of(slot_size)
@@ -1027,8 +764,7 @@ class Arena:
         if len(keys) != len(checked) or len(set(shared)) != len(shared):
             raise StaleHandleError("the same slot appears twice in one release")
         for seg, index, generation in checked:  # all checked: now the books may change
-            seg.generations[index] = generation  # a lender's newer one stands
-            self._free(seg, index, c)
+            self._free(seg, index, c, generation)  # a lender's newer one stands
         for ref in shared:
             key = (ref.segment, ref.index)
             readers = self._shares[key].readers
@@ -1038,7 +774,7 @@ class Arena:
             self._settle_share(key)
         return len(refs)
 
-    def _release_class_slots(self, c: _Conn, refs: list[SlotRef]) -> bool:
+    def _release_class_slots(self, c: ClientBooks, refs: list[SlotRef]) -> bool:
         """``release`` of class slots, all held by ``c``: the common case, in few steps.
 
         Returns False, having changed nothing, if any reference is not that
@@ -1064,20 +800,14 @@ class Arena:
         keys = {(seg.id, index) for seg, index, _ in picked}
         if len(keys) != len(picked):
             return False
-        held = c.held
         store = self._tickets.store64 if self._tickets is not None else None
         for seg, index, generation in picked:
-            seg.holders[index] = 0
-            seg.generations[index] = generation + 1
+            move(seg, index, FREE, generation + 1, c)
             if store is not None and seg.header:
                 store(seg.backing.tickets, 8 * index, 0)  # type: ignore[attr-defined]
-            cls = seg.cls
-            cls.leased -= 1  # type: ignore[union-attr]
-            cls.free.append((seg, index))  # type: ignore[union-attr]
-        held.difference_update(keys)
         return True
 
-    def _is_shared_by(self, c: _Conn, ref: SlotRef) -> bool:
+    def _is_shared_by(self, c: ClientBooks, ref: SlotRef) -> bool:
         share = self._shares.get((ref.segment, ref.index))
         seg = self._segments.get(ref.segment)
         return (
@@ -1087,13 +817,13 @@ class Arena:
             and share.readers.get(c.id, 0) > 0
         )
 
-    def _check(self, c: _Conn, ref: SlotRef) -> tuple[Segment, int]:
+    def _check(self, c: ClientBooks, ref: SlotRef) -> tuple[Segment, int]:
         """``_checked``; the books then take a lender's newer generation."""
         seg, index = self._checked(c, ref)
         seg.generations[index] = ref.generation
         return seg, index
 
-    def _checked(self, c: _Conn, ref: SlotRef) -> tuple[Segment, int]:
+    def _checked(self, c: ClientBooks, ref: SlotRef) -> tuple[Segment, int]:
         """The slot ``ref`` names if ``c`` holds it by that generation (changes nothing).
 
         Raises:
@@ -1112,7 +842,7 @@ class Arena:
             )
         return seg, ref.index
 
-    def _take(self, cls: _Class, count: int, c: _Conn) -> list[tuple[Segment, int]]:
+    def _take(self, cls: ClassBooks, count: int, c: ClientBooks) -> list[tuple[Segment, int]]:
         # A batch is a hint: free slots are handed out before any memory is
         # added, and the class grows (to fill the batch) only when it has none
         # left. Growing to fill every batch would let a class swell up to the
@@ -1166,7 +896,7 @@ class Arena:
             )
         return picked
 
-    def _committed_to_top(self, cls: _Class) -> bool:
+    def _committed_to_top(self, cls: ClassBooks) -> bool:
         """Bring a free slot whose pages are committed to the top of ``cls.free``.
 
         The budget has no room to commit the top one. Only slots smaller
@@ -1184,7 +914,7 @@ class Arena:
                 return True
         return False
 
-    def _ungrow(self, cls: _Class, segments: list[Segment]) -> None:
+    def _ungrow(self, cls: ClassBooks, segments: list[Segment]) -> None:
         """Undo the growth of a grant that failed: its new segments, all free, go."""
         if not segments:
             return
@@ -1205,7 +935,7 @@ class Arena:
         last = min(seg.nslots, first + (1 << seg.unit_shift))
         return seg.header + first * seg.slot_size, (last - first) * seg.slot_size
 
-    def _room(self, nbytes: int, keep: _Class | None) -> bool:
+    def _room(self, nbytes: int, keep: ClassBooks | None) -> bool:
         """Make room in the budget for ``nbytes`` more committed; False if there is none.
 
         Takes the pages of free slots of classes other than ``keep``.
@@ -1246,7 +976,7 @@ class Arena:
                 raise
             commit(offset, length)
 
-    def _count_committed(self, cls: _Class | None, nbytes: int) -> None:
+    def _count_committed(self, cls: ClassBooks | None, nbytes: int) -> None:
         self.committed += nbytes
         if cls is not None:
             cls.committed += nbytes
@@ -1264,7 +994,7 @@ class Arena:
         seg.cls.committed -= length  # type: ignore[union-attr]
         return length
 
-    def _decommit_free(self, cls: _Class, want: int, start: int, stop: int) -> tuple[int, int]:
+    def _decommit_free(self, cls: ClassBooks, want: int, start: int, stop: int) -> tuple[int, int]:
         """Decommit free slots ``cls.free[start:stop]``, bottom up, until ``want`` bytes went.
 
         A unit of several slots goes only when all of them are free. Returns
@@ -1286,7 +1016,7 @@ class Arena:
             freed += self._decommit_unit(seg, unit)
         return freed, i
 
-    def _reclaim(self, need: int, keep: _Class | None) -> bool:
+    def _reclaim(self, need: int, keep: ClassBooks | None) -> bool:
         """Decommit free slots of classes but ``keep``, oldest first, until ``need`` bytes went.
 
         Classes with the most idle committed bytes give first. True if
@@ -1331,7 +1061,7 @@ class Arena:
             cls.prev_low, cls.low = cls.low, len(cls.free)
         return freed
 
-    def _decommit_cold_pages(self, cls: _Class, cold: int) -> int:
+    def _decommit_cold_pages(self, cls: ClassBooks, cold: int) -> int:
         """``release_idle`` for slots under a page: a page goes once all its slots are cold."""
         seen: dict[tuple[Segment, int], int] = {}
         for seg, index in cls.free[:cold]:
@@ -1358,7 +1088,7 @@ class Arena:
         """Bytes of ticket words (8 a slot, whole pages) a segment starts with."""
         return -(-8 * nslots // PAGE) * PAGE if self._tickets is not None else 0
 
-    def _grow(self, cls: _Class) -> bool:
+    def _grow(self, cls: ClassBooks) -> bool:
         """Add a segment to ``cls``, none of it committed; False if the class fills the budget."""
         nslots = min(cls.per_segment, (self.memory - cls.total * cls.slot_size) // cls.slot_size)
         if nslots <= 0:
@@ -1386,7 +1116,7 @@ class Arena:
         self.oversize_bytes += size
         return seg
 
-    def _new_segment(self, slot_size: int, nslots: int, cls: _Class | None) -> Segment:
+    def _new_segment(self, slot_size: int, nslots: int, cls: ClassBooks | None) -> Segment:
         header = self._header(nslots)
         size = header + slot_size * nslots
         # The budget counts committed slot bytes; ticket words (8 bytes a
@@ -1416,20 +1146,16 @@ class Arena:
             cls.free.extend((seg, i) for i in reversed(range(nslots)))
         return seg
 
-    def _grant(self, c: _Conn, slot_size: int, picked: list[tuple[Segment, int]]) -> Grant:
+    def _grant(self, c: ClientBooks, slot_size: int, picked: list[tuple[Segment, int]]) -> Grant:
         slots: list[SlotRef] = []
         segments: list[SegmentInfo] = []
         fds: list[int] = []
-        cid, held, known = c.id, c.held, c.known
+        cid, known = c.id, c.known
         for seg, index in picked:
-            seg.holders[index] = cid
             generation = seg.generations[index] + 1
             if generation > GENERATION_WRAP:  # pushed up by forged generations: go on lower
                 generation -= GENERATION_WRAP
-            seg.generations[index] = generation
-            held.add((seg.id, index))
-            if seg.cls is not None:
-                seg.cls.leased += 1
+            move(seg, index, cid, generation, None, c)  # from free, in transit, or an orphan
             if seg.id not in known:
                 known.add(seg.id)
                 segments.append(seg.info())
@@ -1437,20 +1163,24 @@ class Arena:
             slots.append(_new_ref(SlotRef, (seg.id, index, generation)))
         return Grant(slot_size, slots, segments, fds)
 
-    def _free(self, seg: Segment, index: int, c: _Conn | None) -> None:
-        seg.holders[index] = 0
-        seg.generations[index] += 1
+    def _free(
+        self, seg: Segment, index: int, c: ClientBooks | None, generation: int | None = None
+    ) -> None:
+        """Free a slot (held by ``c``, or by nobody: in transit, shared, an orphan).
+
+        It moves on from ``generation`` if given (a lender's newer one),
+        else from the books'. An oversize slot's segment is destroyed.
+        """
+        move(
+            seg, index, FREE, (seg.generations[index] if generation is None else generation) + 1, c
+        )
         if seg.header:
-            self._ticket_store(seg, index, 0)
-        if c is not None:
-            c.held.discard((seg.id, index))
+            assert self._words is not None
+            self._words.store(seg, index, 0)
         if seg.cls is None:
             self._destroy(seg)
             for other in self._conns.values():
                 other.known.discard(seg.id)
-            return
-        seg.cls.leased -= 1
-        seg.cls.free.append((seg, index))
 
     def _destroy(self, seg: Segment) -> None:
         del self._segments[seg.id]
@@ -1470,40 +1200,11 @@ class Arena:
 
     # ------------------------------------------------------------------- stats
 
-    def _lent_census(self) -> tuple[list[int], dict[int, int]]:
-        """What the books do not count of lent slots, read from their words.
-
-        Per class, the slots live clients lent out and nobody claimed yet
-        (the books count them leased to their lenders; they are in transit).
-        Per client, slots lent to it minus slots it lent out: a slot a live
-        client lent out is in transit (a ticket) or held by its claimer; a
-        returned one is back with its lender.
-        """
-        lent = [0] * len(self._classes)
-        shift: dict[int, int] = {}
-        if self._tickets is None:
-            return lent, shift
-        conns = self._conns
-        for i, cls in enumerate(self._classes):
-            for seg in cls.segments:
-                if not seg.header:
-                    continue
-                for index in self._find_words(seg, *ANY_LENT):
-                    holder = seg.holders[index]
-                    if holder in conns:
-                        lent[i] += 1
-                        shift[holder] = shift.get(holder, 0) - 1
-                for index in self._find_words(seg, *ANY_CLAIM):
-                    holder = seg.holders[index]
-                    c = self._claimer(seg, self._ticket_load(seg, index))
-                    if c is None or c.id == holder:
-                        continue  # returned, or claimed from itself, or by nobody who could
-                    if holder in conns:
-                        shift[holder] = shift.get(holder, 0) - 1
-                        shift[c.id] = shift.get(c.id, 0) + 1
-                    elif holder == ORPHAN:
-                        shift[c.id] = shift.get(c.id, 0) + 1
-        return lent, shift
+    def _census(self) -> tuple[list[int], dict[int, int]]:
+        """``Reconciler.census``: lent slots per class and client; nothing without words."""
+        if self._lent is None:
+            return [0] * len(self._classes), {}
+        return self._lent.census()
 
     def _requested(self) -> tuple[list[int], int]:
         """Bytes of open leases clients reported, per class and oversize."""
@@ -1528,9 +1229,9 @@ class Arena:
         they last reported). ``request_sizes``: ``[2**k, count]`` of the
         acquires of ``2**(k-1) < n <= 2**k`` bytes clients reported.
         """
-        if self._orphans:
-            self._settle_orphans(None)  # claimed or returned since (no clock here: no expiry)
-        lent, shift = self._lent_census()
+        if self._orphans and self._lent is not None:
+            self._lent.settle_orphans(None)  # claimed or returned since (no clock: no expiry)
+        lent, shift = self._census()
         requested, oversize_requested = self._requested()
         classes = [
             {
@@ -1584,22 +1285,13 @@ class Arena:
 _new_ref = tuple.__new__  # a SlotRef from fields the arena made, without its Python __new__
 
 
-def _ahead(books: int, generation: int) -> bool:
-    """True if lending can take a slot the books have at ``books`` to ``generation``.
-
-    As far ahead as lending reaches (``LEND_AHEAD``), and never past
-    ``MAX_GENERATION``: clients name these numbers, and any other is forged.
-    """
-    return books < generation <= books + LEND_AHEAD and generation <= MAX_GENERATION
-
-
-def _lent_ahead(c: _Conn, seg: Segment, books: int, generation: int) -> bool:
+def _lent_ahead(c: ClientBooks, seg: Segment, books: int, generation: int) -> bool:
     """True if ``c`` may name ``generation`` for its slot the books have at ``books``.
 
     A slot it lent out and took back has moved on some generations without
     us (``lent_word``): a lender's newer generation of a class slot stands.
     """
-    return c.lends and seg.header > 0 and seg.cls is not None and _ahead(books, generation)
+    return c.lends and seg.header > 0 and seg.cls is not None and ahead(books, generation)
 
 
 def _token_bytes(token: int) -> bytes:

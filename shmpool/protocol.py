@@ -109,8 +109,9 @@ __all__ = [
 
 #: Bumped whenever clients of one manager could not work together, down to how a
 #: pickled Lease names the function that loads it (5: ``shmpool._attach_anywhere``;
-#: 6: ``Acquire.wait`` counts milliseconds; 7: ``Usage``, and ``Recall`` of every class).
-VERSION = 7
+#: 6: ``Acquire.wait`` counts milliseconds; 7: ``Usage``, and ``Recall`` of every class;
+#: 8: a pickled Lease loads by ``shmpool.registry.rebuild_lease``).
+VERSION = 8
 #: Largest request datagram a client may send (a full Release batch fits easily).
 MAX_REQUEST = 16 * 1024
 #: Largest reply datagram the manager sends (below the ~200 KiB SEQPACKET limit).
