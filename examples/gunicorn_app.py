@@ -16,6 +16,9 @@ closes the response. ``/checksum`` reads the request body into a buffer and
 hands the buffer, not its bytes, to a background process of this worker (a
 ``multiprocessing`` pool started with ``shmpool.mp.initializer_kwargs()``),
 which checksums it and gives it back. ``/stats`` shows the manager's books.
+``/report-bytes`` and ``/checksum-bytes`` do the same without shmpool (a
+``bytearray``, and ``bytes`` pickled to the background process), for
+``python -m shmpool.bench_gunicorn`` to compare.
 
 The app never says where the manager is: the config file's hooks start one
 in the gunicorn master, and ``shmpool.get_pool()`` connects each worker on
@@ -52,6 +55,10 @@ class LeaseBody:
         self.lease = lease
 
     def __iter__(self) -> Iterator[bytes]:
+        # A chunk at a time, as bytes: gunicorn's Response.write refuses anything
+        # but bytes (PEP 3333), so neither [lease] nor memoryview chunks will do,
+        # and sendfile from shared memory is not safe (docs/guide.md, "Sending a
+        # lease as an HTTP response").
         view = self.lease.view
         for start in range(0, len(view), CHUNK):
             yield bytes(view[start : start + CHUNK])
@@ -74,6 +81,23 @@ def report(size: int) -> LeaseBody:
         lease.release()
         raise
     return LeaseBody(lease)
+
+
+def report_bytes(size: int) -> list[bytes]:
+    """The twin of ``report()`` without shmpool, for ``shmpool.bench_gunicorn``.
+
+    The same lines, written by the same loop into a new ``bytearray``,
+    returned as ``bytes`` (WSGI servers take ``bytes`` only: one copy).
+    """
+    buffer = bytearray(size)
+    view, pos, line = memoryview(buffer), 0, 0
+    while pos < size:
+        text = f"line {line:08d} of a report built in shared memory\n".encode()[: size - pos]
+        view[pos : pos + len(text)] = text
+        pos += len(text)
+        line += 1
+    view.release()
+    return [bytes(buffer)]
 
 
 def crc_of(lease: shmpool.Lease) -> int:
@@ -120,6 +144,16 @@ def checksum(environ: dict[str, Any], length: int) -> dict[str, int]:
     return {"bytes": length, "crc32": crc, "worker": os.getpid()}
 
 
+def checksum_bytes(environ: dict[str, Any], length: int) -> dict[str, int]:
+    """The twin of ``checksum()`` without shmpool: the body read as ``bytes`` and
+    pickled, copy and all, through the background pool's pipe."""
+    data = environ["wsgi.input"].read(length)
+    if len(data) < length:
+        raise ValueError(f"the body ended after {len(data)} of {length} bytes")
+    crc = background().apply(zlib.crc32, (data,))
+    return {"bytes": length, "crc32": crc, "worker": os.getpid()}
+
+
 def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
     """The WSGI entry point."""
     path, method = environ.get("PATH_INFO", "/"), environ["REQUEST_METHOD"]
@@ -139,6 +173,20 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
             if not 0 <= length <= MAX_BODY:
                 return _reply(start_response, "413 Content Too Large", b"body too large\n")
             return _json(start_response, checksum(environ, length))
+        if path == "/report-bytes" and method == "GET":  # the twin without shmpool
+            size = int(query.get("size", ["1048576"])[0])
+            if not 0 < size <= MAX_BODY:
+                return _reply(start_response, "400 Bad Request", b"size out of range\n")
+            chunks = report_bytes(size)
+            start_response(
+                "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(size))]
+            )
+            return chunks
+        if path == "/checksum-bytes" and method == "POST":  # the twin without shmpool
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            if not 0 <= length <= MAX_BODY:
+                return _reply(start_response, "413 Content Too Large", b"body too large\n")
+            return _json(start_response, checksum_bytes(environ, length))
         if path == "/stats" and method == "GET":
             return _json(start_response, shmpool.get_pool().stats())
     except shmpool.ShmpoolError as exc:

@@ -36,6 +36,16 @@ from .registry import rebuild_buffer, rebuild_lease
 from .report import format_stats
 from .sharedbuffer import SharedBuffer
 from .sizeclass import parse_size
+from .statstypes import (
+    ClassStats,
+    ClientStats,
+    LocalStats,
+    ManagerInfo,
+    ManagerStats,
+    OversizeStats,
+    PoolStats,
+    PoolUsage,
+)
 
 __version__ = "0.1.0"
 
@@ -46,15 +56,23 @@ __all__ = [
     "ENV_VAR",
     "AccessDeniedError",
     "AddressNotSetError",
+    "ClassStats",
+    "ClientStats",
     "Handle",
     "Lease",
     "LeaseClosedError",
+    "LocalStats",
     "Manager",
     "ManagerGoneError",
+    "ManagerInfo",
     "ManagerProcess",
+    "ManagerStats",
+    "OversizeStats",
     "Pool",
     "PoolClosedError",
     "PoolExhaustedError",
+    "PoolStats",
+    "PoolUsage",
     "ProtocolError",
     "QuotaExceededError",
     "SharedBuffer",

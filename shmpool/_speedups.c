@@ -148,7 +148,13 @@ typedef struct {
     PyObject *view; /* the memoryview handed out; NULL once released */
     MeterObject *meter; /* counts `length` while view is set; never NULL */
     Py_ssize_t length;  /* len(view) when made (a view its user released no longer says) */
+    PyObject *origin;   /* where it was acquired (a pool that tracks leases sets it), or NULL */
+    PyObject *weakreflist; /* a tracking pool lists its leases by weak references */
 } LeaseObject;
+
+/* What a lease collected unreleased calls: buffer._dropped_slot (configure_finalizer). */
+static PyObject *dropped_hook;
+static int lease_close_view(LeaseObject *self);
 
 /* Leases take part in garbage collection: a traceback that keeps a frame
  * holding a lease alive, and the pool that lease leads back to, must remain
@@ -159,24 +165,63 @@ lease_traverse(LeaseObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->slot);
     Py_VISIT(self->view);
+    Py_VISIT(self->origin);
     return 0;
 }
+
+static void lease_drop_open(LeaseObject *self);
 
 static int
 lease_clear(LeaseObject *self)
 {
+    if (self->view != NULL) /* in a garbage cycle, still open */
+        lease_drop_open(self);
     Py_CLEAR(self->slot);
     Py_CLEAR(self->view);
+    Py_CLEAR(self->origin);
     return 0;
+}
+
+/* A lease destroyed while still open: close it, then buffer._dropped_slot
+ * gives its slot back (unless the view is exported) and warns with
+ * ResourceWarning. Done here and in lease_clear, not in a tp_finalize, so
+ * that a released lease pays one test and no finalizer call; the hook gets
+ * the slot, the length and the origin, never the lease, so no Python code
+ * can reach (and resurrect) an object being destroyed. */
+static void
+lease_drop_open(LeaseObject *self)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int closed;
+    if (Py_REFCNT(self->view) > 1) /* `pool.acquire(n).view` kept: the view is in use */
+        closed = -1;
+    else if ((closed = lease_close_view(self)) < 0) /* exported: someone uses its memory */
+        PyErr_Clear();
+    if (closed != 0 && dropped_hook != NULL && self->slot != NULL) {
+        PyObject *r = PyObject_CallFunction(dropped_hook, "OnOO", self->slot, self->length,
+                                            self->origin ? self->origin : Py_None,
+                                            closed > 0 ? Py_True : Py_False);
+        if (r == NULL)
+            PyErr_WriteUnraisable(dropped_hook);
+        else
+            Py_DECREF(r);
+    }
+    PyErr_Restore(type, value, tb);
 }
 
 static void
 lease_dealloc(LeaseObject *self)
 {
     PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->view != NULL)
+        lease_drop_open(self);
     Py_CLEAR(self->slot);
     Py_CLEAR(self->view);
     Py_CLEAR(self->meter);
+    Py_CLEAR(self->origin);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -341,6 +386,46 @@ lease_get_meter(LeaseObject *self, void *Py_UNUSED(closure))
 }
 
 static PyObject *
+lease_get_length(LeaseObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->length);
+}
+
+static PyObject *
+lease_get_origin(LeaseObject *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->origin ? self->origin : Py_None);
+}
+
+static int
+lease_set_origin(LeaseObject *self, PyObject *origin, void *Py_UNUSED(closure))
+{
+    Py_XSETREF(self->origin, origin == NULL || origin == Py_None ? NULL : Py_NewRef(origin));
+    return 0;
+}
+
+/* The buffer protocol: memoryview(lease), bytes(lease), numpy.asarray(lease).
+ * The export is one of the lease's view (its obj is that memoryview), so it
+ * counts against it exactly like a PickleBuffer of lease.view: release()
+ * refuses with BufferError while it lives. It shows what the view shows:
+ * the `size` bytes asked for, writable unless the lease is a reader's. */
+static int
+lease_getbuffer(LeaseObject *self, Py_buffer *buffer, int flags)
+{
+    if (self->view == NULL) {
+        PyErr_SetString(LeaseClosedError, "this lease was released; acquire a new one");
+        buffer->obj = NULL;
+        return -1;
+    }
+    return PyObject_GetBuffer(self->view, buffer, flags);
+}
+
+static PyBufferProcs lease_as_buffer = {
+    .bf_getbuffer = (getbufferproc)lease_getbuffer,
+    .bf_releasebuffer = NULL, /* the view's own release runs: the export's obj is the view */
+};
+
+static PyObject *
 lease_exit(LeaseObject *self, PyObject *Py_UNUSED(args))
 {
     return lease_release(self, NULL);
@@ -396,6 +481,9 @@ static PyGetSetDef lease_getset[] = {
     {"_view", (getter)lease_get_raw_view, NULL, NULL, NULL},
     {"_slot", (getter)lease_get_slot, NULL, NULL, NULL},
     {"_meter", (getter)lease_get_meter, NULL, "the Meter this lease counts in", NULL},
+    {"_length", (getter)lease_get_length, NULL, "len(view) when made", NULL},
+    {"_origin", (getter)lease_get_origin, (setter)lease_set_origin,
+     "(monotonic time, frames) of the acquire, when its pool tracks leases; else None", NULL},
     {NULL},
 };
 
@@ -411,6 +499,8 @@ static PyTypeObject LeaseBaseType = {
     .tp_methods = lease_methods,
     .tp_getset = lease_getset,
     .tp_new = lease_tp_new,
+    .tp_as_buffer = &lease_as_buffer,
+    .tp_weaklistoffset = offsetof(LeaseObject, weakreflist),
 };
 
 /* ------------------------------------------------------------- Acquirer */
@@ -613,6 +703,19 @@ configure(PyObject *module, PyObject *args)
     off_slot_view = view;
     off_slot_home = home;
     off_cache_high = high;
+    Py_RETURN_NONE;
+}
+
+/* configure_finalizer(fn): fn(slot, length, origin, closed) runs for a lease
+ * destroyed unreleased (closed: False if its view was exported, so kept). */
+static PyObject *
+configure_finalizer(PyObject *module, PyObject *fn)
+{
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "configure_finalizer(fn): fn must be callable");
+        return NULL;
+    }
+    Py_XSETREF(dropped_hook, Py_NewRef(fn));
     Py_RETURN_NONE;
 }
 
@@ -1846,6 +1949,8 @@ static PyMethodDef module_methods[] = {
     {"find_words", find_words, METH_VARARGS,
      "find_words(buffer, count, mask, value) -> indices of words w with w & mask == value"},
     {"configure", configure, METH_VARARGS, "configure(LeaseClosedError, _Slot, _Cache)"},
+    {"configure_finalizer", configure_finalizer, METH_O,
+     "configure_finalizer(fn): fn(slot, length, origin, closed) for a lease destroyed open"},
     {"configure_handoff", configure_handoff, METH_VARARGS,
      "configure_handoff(SlotRef, Lease, notice_batch, _Borrowed)"},
     {"configure_pickling", configure_pickling, METH_O,

@@ -22,7 +22,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 from multiprocessing.managers import SharedMemoryManager
@@ -557,7 +557,7 @@ class _ShiftWorkers:
             conn.close()
 
 
-def _peak(name: str, answers: list[Answer], stats: dict[str, Any]) -> dict[str, Any]:
+def _peak(name: str, answers: list[Answer], stats: Mapping[str, Any]) -> dict[str, Any]:
     """One phase's figures, read at its peak (every worker holds its leases)."""
     requested = stats["requested_bytes"]
     return {

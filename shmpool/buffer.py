@@ -14,12 +14,33 @@ of several close it, and not when the release is refused (an exported view:
 the lease stays open). A lease keeps the meter it was counted in: when its
 pool starts over (a fork, a new connection) with a new meter, the old leases
 settle with the old one.
+
+A lease is a buffer. ``memoryview(lease)``, ``bytes(lease)`` and
+``numpy.asarray(lease)`` export the lease's own view (the ``size`` bytes
+asked for), so each export pins the lease exactly as a ``PickleBuffer`` of
+``lease.view`` does: ``release()`` refuses with ``BufferError`` while one
+lives. In C that is ``bf_getbuffer``; in pure Python it takes PEP 688's
+``__buffer__``, so Python 3.12 or later (``lease.view`` works everywhere).
+
+Dropped leases. A lease destroyed while still open gives its slot back
+(``_dropped_slot``, from the C dealloc, or ``__del__`` here) and warns with
+``ResourceWarning``. A finalizer may run anywhere, even inside the pool's
+own locked code (a garbage collection there), and the pool's lock is not
+reentrant: so a class slot only goes back on its cache list (lock-free, as
+every release), and a slot whose way back needs the lock (oversize, a
+reader's share, a borrowed one) goes back at once only while that lock is
+free, else at the pool's next ``tick()`` (``return_dropped``). An exported
+lease cannot give its slot back (someone still uses the memory): it stays
+leased to this process until its pool closes, and the warning says so.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import warnings
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._native import speedups
 from .errors import LeaseClosedError
@@ -27,7 +48,17 @@ from .handle import Handle
 from .protocol import SlotRef
 from .sizeclass import MAX_SHIFT
 
+if TYPE_CHECKING:
+    import numpy
+
+    if sys.version_info >= (3, 11):
+        from typing import Self
+    else:
+        from typing_extensions import Self
+
 __all__ = ["Lease", "LeaseHome"]
+
+log = logging.getLogger("shmpool")
 
 
 class LeaseHome(Protocol):
@@ -144,7 +175,9 @@ class _PyLeaseBase:
     # _length: len(_view) when made, which a view its user released (``with
     # lease.view:``) no longer tells; what the meter counts, at _bucket (its
     # (n - 1).bit_length(), kept so that release() need not work it out again).
-    __slots__ = ("_bucket", "_length", "_meter", "_slot", "_view")
+    # _origin: (monotonic time, frames) of the acquire when its pool tracks
+    # leases (unset otherwise); __weakref__: such a pool lists its leases weakly.
+    __slots__ = ("__weakref__", "_bucket", "_length", "_meter", "_origin", "_slot", "_view")
     _bucket: int
     _length: int
     _meter: _PyMeter
@@ -195,6 +228,20 @@ class _PyLeaseBase:
 
     def __reduce__(self) -> Any:
         return self._reduce_slow()  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        try:
+            if self._view is None:
+                return
+        except AttributeError:  # never finished being made
+            return
+        _dropped(self)
+
+    if sys.version_info >= (3, 12):
+
+        def __buffer__(self, flags: int) -> memoryview:
+            """PEP 688: an export of ``view`` (see the module's doc); raises once released."""
+            return self.view  # Python exports it, and holds this lease while it lives
 
     def _disown(self) -> bool:
         """Forget the slot without returning it (its ownership moved); False if closed.
@@ -248,12 +295,125 @@ def _still_exported(cause: BufferError) -> BufferError:
     )
 
 
+#: Slots of leases collected unreleased whose way back needs their pool's
+#: lock, which was taken then: ``return_dropped`` sends them (``list.append``
+#: and ``list.pop`` are atomic under the GIL).
+_dropped_slots: list[_Slot] = []
+
+
+def _dropped(lease: _PyLeaseBase) -> None:
+    """``__del__`` of a lease still open (pure Python): close it, then ``_dropped_slot``."""
+    # the view first: kept by someone (``pool.acquire(n).view``: 2 is the
+    # lease's reference and getrefcount's), or exported, it stays open
+    if sys.getrefcount(lease._view) > 2:
+        closed = False
+    else:
+        try:
+            closed = _close(lease)
+        except BufferError:
+            closed = False
+        else:
+            if not closed:
+                return  # another thread closed it meanwhile
+    _dropped_slot(lease._slot, lease._length, getattr(lease, "_origin", None), closed)
+
+
+def _dropped_slot(slot: _Slot, length: int, origin: Any, closed: bool) -> None:
+    """A lease was destroyed unreleased (its view now closed unless ``closed`` is False):
+    give its slot back, then warn.
+
+    The C dealloc calls this (``configure_finalizer``), ``__del__`` in pure
+    Python; neither passes the lease, which is being destroyed. See the
+    module's doc for why some slots wait for ``return_dropped``. The warning
+    comes last: a filter that turns it into an error must not keep the slot.
+    """
+    if not closed:
+        outcome = (
+            "its view was still in use (referenced or exported), so its slot stays leased "
+            "to this process until the pool closes"
+        )
+    else:
+        outcome = "its slot went back to the pool"
+        home = slot.home
+        if type(home) is _Cache:
+            home.append(slot)  # a later release or trim takes the cache back under its mark
+        else:
+            _dropped_slots.append(slot)
+            _return_dropped_now(slot)
+    _warn_dropped(slot, length, origin, outcome)
+
+
+def _return_dropped_now(slot: _Slot) -> None:
+    """Send back a dropped lease's slot if its pool's lock is free now, else leave it queued."""
+    lock = _lock_of(slot)
+    if lock is not None and not lock.locked():  # not ours either: we could not take it then
+        return_dropped()
+
+
+def _lock_of(slot: _Slot) -> Any:
+    """The lock of the connection ``slot`` goes back through, or None."""
+    pool = getattr(slot.home, "pool", None)  # a Pool, or for a borrowed slot a Lending
+    conn = getattr(pool, "_conn", None) or getattr(pool, "conn", None)
+    return getattr(conn, "lock", None)
+
+
+def return_dropped() -> int:
+    """Send back the queued slots of dropped leases whose pool's lock is free; how many went.
+
+    ``Pool.tick()`` calls it, without its lock held. Errors (a pool that
+    lost its manager) leave the slot to the pool's close, as a release does.
+    """
+    sent = 0
+    for _ in range(len(_dropped_slots)):
+        try:
+            slot = _dropped_slots.pop(0)
+        except IndexError:
+            break
+        lock = _lock_of(slot)
+        if lock is not None and lock.locked():
+            _dropped_slots.append(slot)  # later
+            continue
+        try:
+            slot.home.append(slot)
+        except Exception as exc:  # its pool broke: its close() settles the slot
+            log.debug("a dropped lease's slot %s did not go back: %r", slot.ref, exc)
+        sent += 1
+    return sent
+
+
+def _warn_dropped(slot: _Slot, length: int, origin: Any, outcome: str) -> None:
+    """The ``ResourceWarning`` for a lease collected without ``release()``."""
+    where = format_origin(origin)
+    if where:
+        acquired = "it was acquired at:\n" + where
+    else:
+        acquired = (
+            "to see where it was acquired, connect with shmpool.connect(..., track=True) "
+            "or set SHMPOOL_TRACK=1"
+        )
+    warnings.warn(
+        f"a shmpool.Lease of {length} bytes (slot {slot.ref.segment}:{slot.ref.index}, capacity "
+        f"{slot.capacity}) was garbage-collected without release(); {outcome}. Release "
+        f"leases with `with pool.acquire(n) as lease:` or lease.release(); {acquired}",
+        ResourceWarning,
+        stacklevel=2,
+    )
+
+
+def format_origin(origin: Any) -> str:
+    """``Lease._origin``'s frames as lines ``  File "f", line n, in fn`` (innermost first)."""
+    if not origin:
+        return ""
+    return "\n".join(f'  File "{f}", line {n}, in {fn}' for f, n, fn in origin[1])
+
+
 _speedups: Any = speedups
 if _speedups is None:
     _LeaseBase: Any = _PyLeaseBase
     _Meter: Any = _PyMeter
 else:
     _speedups.configure(LeaseClosedError, _Slot, _Cache)
+    _speedups.configure_finalizer(_dropped_slot)
     _LeaseBase = _speedups.LeaseBase
     _Meter = _speedups.Meter
 
@@ -269,8 +429,15 @@ class Lease(_LeaseBase):  # type: ignore[misc]
     ``with`` block; releasing twice is harmless. After release, ``view``
     raises ``LeaseClosedError`` and the memoryview handed out earlier is
     released too (slices taken from it are not: do not keep them). A Lease
-    dropped without release stays leased to this process until its pool
-    closes.
+    garbage-collected without release gives its slot back and warns with
+    ``ResourceWarning``.
+
+    A Lease is a buffer: ``memoryview(lease)``, ``bytes(lease)`` and
+    ``numpy.asarray(lease)`` see the same ``size`` bytes as ``view``, and
+    ``lease.ndarray(dtype, shape)`` makes a numpy array over them. Such an
+    export keeps the lease open like an export of ``view`` (below); after
+    release they raise ``LeaseClosedError``. (Without the C extension this
+    needs Python 3.12+, PEP 688.)
 
     While the view is exported (a ``pickle.PickleBuffer`` of it is alive, a C
     extension or another thread's I/O holds its buffer), ``release()``,
@@ -289,14 +456,77 @@ class Lease(_LeaseBase):  # type: ignore[misc]
     @property
     def size(self) -> int:
         """The number of bytes asked for, ``len(lease.view)``."""
-        return len(self.view)
+        if self._view is None:
+            raise LeaseClosedError("this lease was released; acquire a new one")
+        length: int = self._length  # len(view) fails on a view its user released
+        return length
 
     @property
     def closed(self) -> bool:
         return self._view is None
 
     def __len__(self) -> int:
-        return len(self.view)
+        return self.size
+
+    if TYPE_CHECKING:  # the base's, in C or in Python; typed here
+
+        def __enter__(self) -> Self: ...
+
+        def __exit__(self, *exc: object) -> None: ...
+
+        def __buffer__(self, flags: int) -> memoryview: ...
+
+        _origin: tuple[float, tuple[tuple[str, int, str], ...]] | None
+
+    def _origin_or_none(self) -> tuple[float, tuple[tuple[str, int, str], ...]] | None:
+        """``_origin``, or None when its pool does not track leases (pure Python: unset)."""
+        return getattr(self, "_origin", None)
+
+    def ndarray(
+        self, dtype: Any = "u1", shape: int | tuple[int, ...] | None = None
+    ) -> numpy.ndarray[Any, Any]:
+        """A numpy array of ``dtype`` over this lease's memory (no copy).
+
+        ``shape`` None: one dimension, as many items as the lease's ``size``
+        bytes hold (``size`` must be a multiple of the item size). The array
+        covers the ``size`` bytes asked for, like ``view``; ask for a larger
+        lease to use more of the slot. It is read-only for a reader's lease
+        (``share()``). While the array (or anything made from it) lives, the
+        lease stays open: ``release()`` raises ``BufferError``.
+
+        Raises:
+            LeaseClosedError: the lease was released.
+            ModuleNotFoundError: numpy is not installed.
+            ValueError: the shape does not fit in ``size`` bytes, or
+                ``shape`` is None and ``size`` is not a multiple of the item size.
+            TypeError: ``dtype`` is not a numpy dtype.
+        """
+        view = self.view  # raises LeaseClosedError once released
+        try:
+            import numpy as np
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                "Lease.ndarray() needs numpy (pip install numpy); lease.view works without it",
+                name="numpy",
+            ) from exc
+        dt = np.dtype(dtype)
+        size = len(view)
+        if shape is None:
+            if dt.itemsize == 0 or size % dt.itemsize:
+                raise ValueError(
+                    f"the lease's {size} bytes are not a whole number of {dt} items "
+                    f"({dt.itemsize} bytes each): pass a shape"
+                )
+            shape = (size // dt.itemsize,)
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        need = dt.itemsize * _product(dims)
+        if any(d < 0 for d in dims) or need > size:
+            raise ValueError(
+                f"an array of shape {dims} and dtype {dt} needs {need} bytes; this lease "
+                f"shows {size} (its slot holds {self.capacity}): acquire a larger lease"
+            )
+        array: numpy.ndarray[Any, Any] = np.ndarray(dims, dt, buffer=_pinning(view))
+        return array
 
     def detach(self) -> Handle:
         """Give up this lease here and return a ``Handle`` for another process.
@@ -353,8 +583,28 @@ class Lease(_LeaseBase):  # type: ignore[misc]
     def __repr__(self) -> str:
         ref = self._slot.ref
         view = self._view
-        state = "released" if view is None else f"size={len(view)}"
+        state = "released" if view is None else f"size={self._length}"
         return f"<shmpool.Lease {ref.segment}:{ref.index} capacity={self._slot.capacity} {state}>"
+
+
+def _product(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def _pinning(view: memoryview) -> Any:
+    """An object whose buffer is an export of ``view``, held while the object lives.
+
+    numpy's ``ndarray(buffer=obj)`` releases the buffer it got at once and
+    keeps ``obj`` as its base: with the lease as ``obj`` nothing would pin
+    the lease. A ``PickleBuffer`` holds its export of the view until it goes,
+    and it goes with the last array made from it.
+    """
+    import pickle
+
+    return pickle.PickleBuffer(view)
 
 
 _new_lease = object.__new__

@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         help="propose --min-size, --max-size and --memory for 'shmpool serve' from the "
         "sizes acquired so far (with --json: the proposal as JSON)",
     )  # fmt: skip
+    _leases_options(stats)
 
     top = sub.add_parser("top", help="a live view of a manager's classes and clients")
     _log_level_option(top)
@@ -419,7 +420,40 @@ class _HangupSummary:
             log.warning("SIGHUP: cannot read the statistics: %s", exc)
 
 
+def _leases_options(stats: argparse.ArgumentParser) -> None:
+    stats.add_argument(
+        "--leases", action="store_true",
+        help="list the leases held long in the processes that track theirs (SHMPOOL_TRACK=1 "
+        "or connect(track=True)): age, size, slot, client and where each was acquired",
+    )  # fmt: skip
+    stats.add_argument(
+        "--older-than", type=checked(_seconds, "a number of seconds >= 0"), default=None,
+        metavar="SECONDS", help="with --leases: only those held this long or longer (default 0)",
+    )  # fmt: skip
+
+
+def _stats_leases(args: argparse.Namespace) -> int:
+    """``shmpool stats --leases``: the long-held leases, as tracking clients reported them."""
+    from .client import connect
+    from .leasereport import format_section
+
+    if args.suggest or args.format not in ("text", "json"):
+        print("shmpool: --leases prints text or json, without --suggest", file=sys.stderr)
+        return 2
+    with connect(args.address, name="shmpool stats") as pool:
+        stats: dict[str, Any] = dict(pool.stats(leases_older_than=args.older_than or 0.0))
+    stats.pop("local", None)
+    section = stats.get("leases")
+    if section is None:
+        print("shmpool: this manager does not list leases (an older version)", file=sys.stderr)
+        return 1
+    print(json.dumps(stats, indent=2) if args.format == "json" else format_section(section))
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
+    if args.leases or args.older_than is not None:  # --older-than alone implies --leases
+        return _stats_leases(args)
     from .client import connect
     from .metrics import exposition, without_client
     from .report import format_stats, format_suggestion
@@ -430,7 +464,7 @@ def _stats(args: argparse.Namespace) -> int:
         return 2
     name = "shmpool stats"
     with connect(args.address, name=name) as pool:
-        stats = pool.stats()
+        stats: dict[str, Any] = dict(pool.stats())
     stats.pop("local", None)
     if args.suggest:  # no suggestion (too few acquires) is an answer too: exit 0
         proposal = suggest(stats)

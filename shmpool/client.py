@@ -26,6 +26,16 @@ manager what changed (``Usage``) at most every ``USAGE_PERIOD``, and
 exact. The meter starts over with the caches: a forked child does not
 report its parent's leases, and leases of a lost connection settle with the
 meter they were counted in, not with the new one.
+
+Restart. A manager that hangs up (it exited, or was killed) breaks the
+connection, and the caches start over at once: their slots were the dead
+manager's. The next call that needs a manager connects again to the same
+address (``Connection.reopen``; ``reconnect`` bounds how long it tries) and
+goes on with the manager restarted there; an acquire or ``stats()`` that
+finds the manager gone tries once more that way. Leases from before stay
+readable (their segments stay mapped while they use them); they are orphans
+like a parent's leases in a forked child: releasing one drops its slot, and
+nothing of it reaches the new manager, whose ids may well name other slots.
 """
 
 from __future__ import annotations
@@ -39,26 +49,30 @@ import os
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import protocol as p
+from . import tracking
 from ._native import speedups
 from .address import resolve
 from .buffer import (
     Lease,
     _Borrowed,
     _Cache,
+    _dropped_slots,
     _Meter,
     _new_lease,
     _OversizeHome,
     _SharedHome,
     _Slot,
     make_lease,
+    return_dropped,
 )
-from .connection import NOTICE_BATCH, Connection, close_fds
+from .connection import NOTICE_BATCH, RECONNECT_WAIT, Connection, close_fds
 from .errors import (
     AccessDeniedError,
     ManagerGoneError,
@@ -67,6 +81,7 @@ from .errors import (
     ProtocolError,
     ShmpoolError,
     StaleHandleError,
+    UsageError,
     error_from_code,
 )
 from .handle import Handle
@@ -74,6 +89,13 @@ from .janitor import Janitor
 from .lending import Lending
 from .sharedbuffer import SharedBuffer
 from .sizeclass import check_request
+from .statstypes import PoolStats, PoolUsage
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Self
+    else:
+        from typing_extensions import Self
 
 _getpid = os.getpid
 
@@ -94,6 +116,8 @@ HOT_INTERVAL = 1.0
 IDLE_TIMEOUT = 5.0
 #: The janitor sends the manager a changed ``Usage`` at most this often (seconds).
 USAGE_PERIOD = 0.5
+
+_T = TypeVar("_T")
 
 _POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 _serials = itertools.count()
@@ -221,8 +245,23 @@ class Pool:
     after ``os.fork`` the child opens its own connection on first use.
     ``idle_timeout`` is how long a cache may sit unused before its slots go
     back to the manager (``None``: never, except when the manager recalls
-    them).
+    them). ``track`` (default: ``$SHMPOOL_TRACK`` set to anything but
+    empty or ``0``) records where each lease is acquired: see
+    ``held_leases()``.
+
+    ``reconnect``: once the manager exits or dies, the next call connects
+    to the manager restarted at the same address, trying for
+    ``RECONNECT_WAIT`` seconds (a number: that many). ``False``: never;
+    every later call raises ``ManagerGoneError``.
+
+    Raises:
+        ManagerGoneError: no manager listens at the address.
+        AccessDeniedError: the manager refused this user.
+        TypeError, ValueError: ``reconnect`` is not a bool or a number >= 0.
     """
+
+    _fast: Any = None  # the C twin of acquire() (_speedups.Acquirer), if built
+    _track: tracking.Tracker | None = None  # when this pool tracks its leases
 
     def __init__(
         self,
@@ -231,7 +270,10 @@ class Pool:
         name: str = "",
         timeout: float = 30.0,
         idle_timeout: float | None = IDLE_TIMEOUT,
+        track: bool | None = None,
+        reconnect: bool | float = True,
     ) -> None:
+        wait = _reconnect_wait(reconnect)
         self.address = resolve(address)
         self.name = (name or os.path.basename(sys.argv[0] or "python"))[:64]
         self.timeout = timeout
@@ -242,12 +284,12 @@ class Pool:
         self._idle_since = time.monotonic()  # when the cache was last in use
         # The connection: the socket, its lock, requests and replies, queued
         # notices, prefetches in flight, the segments mapped.
-        conn = self._conn = Connection(self.address, self.name, timeout, _speedups is not None)
+        conn = self._conn = Connection(
+            self.address, self.name, timeout, _speedups is not None, reconnect=wait
+        )
         conn.on_unasked = self._on_unasked  # (before the caches: only an Error comes before)
         self._reset_counters()
         welcome = conn.open()
-        self.manager_pid = welcome.manager_pid
-        self.manager_instance = welcome.instance
         self.min_size = welcome.min_size
         self.max_size = welcome.max_size
         self._min_shift = welcome.min_size.bit_length() - 1
@@ -262,12 +304,17 @@ class Pool:
         self._lending = Lending(self, conn, self._min_shift)
         self._new_caches()
         if _speedups is not None:  # the C twin of acquire(), shadowing the method
-            self.__dict__["acquire"] = _speedups.Acquirer(
+            self._fast = self.__dict__["acquire"] = _speedups.Acquirer(
                 self._lookup, self._acquire_slow, Lease, self._meter
             )
         conn.on_lost = self._new_caches  # cached slots died with the connection
+        conn.on_reconnected = self._on_reconnected
         conn.on_forked = self._forget_parent
         conn.on_notice = self._ensure_janitor  # it sends them within JANITOR_PERIOD
+        if tracking.wanted(track):  # acquire() goes through Python, which notes where
+            untracked = self._fast or types.MethodType(Pool.acquire, self)
+            self._track = tracking.Tracker(untracked)
+            self.__dict__["acquire"] = self._track.acquire
         _POOLS.add(self)
 
     def _reset_counters(self) -> None:
@@ -279,7 +326,7 @@ class Pool:
         self._acquires = 0  # slow-path acquires, and hot-path ones without the C twin
         self._misses = 0
         self._recall_returns = 0  # slots returned on the manager's recalls, ever
-        fast = self.__dict__.get("acquire")
+        fast = self._fast
         if fast is not None:
             fast.hits = 0
 
@@ -294,11 +341,34 @@ class Pool:
 
     def _acquired(self) -> int:
         """How many acquires this process made."""
-        fast = self.__dict__.get("acquire")
+        fast = self._fast
         return self._acquires + (fast.hits if fast is not None else 0)
 
+    @property
+    def manager_pid(self) -> int:
+        """The process id of the manager this pool talks to (a restarted one's, once reached)."""
+        return self._conn.manager_pid
+
+    @property
+    def manager_instance(self) -> int:
+        """The id of the manager's run, which its handles carry (``Handle.instance``)."""
+        return self._conn.instance
+
+    @property
+    def reconnects(self) -> bool:
+        """Whether this pool connects to a restarted manager (``reconnect`` was not False)."""
+        return self._conn.reconnect > 0
+
     def _new_caches(self) -> None:
-        """Fresh, empty caches; slots in the old ones are no longer ours to hand out."""
+        """Fresh, empty caches; slots in the old ones are no longer ours to hand out.
+
+        The old caches are emptied, so that their slots' views let go of the
+        mappings, and their high-water mark set below any length: a lease of
+        theirs released later goes to ``_trim``, which drops it too.
+        """
+        for cache in getattr(self, "_caches", ()):
+            cache.high = -1
+            cache.clear()
         self._batch = list(self._first_batch)
         self._last_batch = [0.0] * self._nclasses
         self._caches = [_Cache(self, i, 2 * b) for i, b in enumerate(self._batch)]
@@ -314,7 +384,7 @@ class Pool:
         self._usage_sent = self._meter.snapshot()  # what the manager was told last: nothing
         self._usage_at = time.monotonic()  # and when (the first report waits a period too)
         self._lending.reset(self._caches, self._meter, self._oversize_home)
-        fast = self.__dict__.get("acquire")
+        fast = self._fast
         if fast is not None:
             fast.lookup = self._lookup
             fast.meter = self._meter
@@ -370,14 +440,44 @@ class Pool:
             raise PoolClosedError("this pool was closed; connect again")
         size = check_request(size)
         wait = _wait_ms(timeout)
-        index = (size - 1).bit_length() - self._min_shift
-        if index >= self._nclasses:
-            lease = self._acquire_oversize(size, wait)
-        else:
-            self._acquires += 1
-            lease = make_lease(self._refill(max(0, index), wait), size, self._meter)
+        lease = self._after_restart(lambda: self._acquire_checked(size, wait))
         self._meter.count_acquire(size)  # a hit counts itself (acquire(), in C or not)
         return lease
+
+    def _acquire_checked(self, size: int, wait: int) -> Lease:
+        index = (size - 1).bit_length() - self._min_shift
+        if index >= self._nclasses:
+            return self._acquire_oversize(size, wait)
+        self._acquires += 1
+        return make_lease(self._refill(max(0, index), wait), size, self._meter)
+
+    def _after_restart(self, call: Callable[[], _T]) -> _T:
+        """``call()``; once more if it found that the manager hung up, to reach a restarted one.
+
+        Only when the connection was live before the call: a pool that
+        already knew the manager gone tries to reconnect within the call
+        (``Connection.ensure``), and a second try would only wait again.
+        """
+        conn = self._conn
+        live = conn.broken is None
+        try:
+            return call()
+        except ManagerGoneError:
+            if not (live and conn.can_reopen()):
+                raise
+            log.info("the manager at %s hung up; connecting to the one there now", self.address)
+        return call()
+
+    def _on_reconnected(self, welcome: p.Welcome) -> None:
+        """The connection reached a restarted manager (``Connection.reopen``, lock held).
+
+        The caches started over when the old manager was lost; the counters
+        start over now, as for a new connection.
+        """
+        self._reset_counters()
+        log.info(
+            "reconnected to the manager restarted at %s (pid %d)", self.address, welcome.manager_pid
+        )
 
     def _refill(self, index: int, wait: int = p.WAIT_DEFAULT) -> _Slot:
         """The cache of class ``index`` is empty: fill it from the manager.
@@ -474,7 +574,9 @@ class Pool:
         with self._conn.lock:
             if slot.home is self._oversize_home and self._live():
                 self._conn.call(p.Release(self._conn.next_req(), (slot.ref,), self.cache_hits))
-            self._conn.unmap(slot.ref.segment)
+            seg = self._conn.segments.get(slot.ref.segment)
+            if seg is not None and slot.view.obj is seg.mm:  # not a restarted manager's namesake
+                self._conn.unmap(slot.ref.segment)
 
     def _grant_or_return(
         self, encode: Callable[[int, int], bytes], home: Any, wait: int = p.WAIT_DEFAULT
@@ -673,6 +775,8 @@ class Pool:
                 self._tick()
         finally:
             self._conn.lock.release()
+        if _dropped_slots:
+            return_dropped()  # slots of leases collected while a pool's lock was held
         return True
 
     def _poll_manager(self) -> None:
@@ -687,6 +791,8 @@ class Pool:
         if self._lending.lent:
             self._lending.reclaim_lent()  # lent slots returned, or whose handles expired
         self._report_usage(due_only=True)  # if it changed, at most every USAGE_PERIOD
+        if self._track is not None:
+            self._report_leases()  # those held long, if that changed
         now = time.monotonic()
         idle = self.idle_timeout
         activity = self._activity()
@@ -746,22 +852,28 @@ class Pool:
         """Acquires served from this process's cache since connecting."""
         return max(0, self._acquired() - self._misses)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, *, leases_older_than: float | None = None) -> PoolStats:
         """The manager's statistics, plus this process's in ``"local"``.
 
         This process's usage (``usage()``) goes to the manager first, so its
-        figures for this process are current.
+        figures for this process are current. The keys and their types are
+        ``shmpool.PoolStats``'s (a ``TypedDict``: a plain dict at run time).
+
+        ``leases_older_than`` (seconds): also list, under ``"leases"``, the
+        leases held that long or longer in every process that tracks its
+        leases (``track=True``), as they last reported them, this one's
+        first brought up to date (see the guide's "Finding leaked leases").
 
         Raises:
             ManagerGoneError, PoolClosedError.
+            TypeError, ValueError: ``leases_older_than`` is not seconds >= 0.
         """
-        with self._conn.lock:
-            self._report_usage()
-            reply, fds = self._conn.call(p.Stats(self._conn.next_req()))
+        leases = _leases_ms(leases_older_than)
+        reply, fds = self._after_restart(lambda: self._ask_stats(leases, leases_older_than))
         close_fds(fds)
         if not isinstance(reply, p.StatsReply):
             raise self._conn.gone(ProtocolError(f"expected StatsReply, got {type(reply).__name__}"))
-        stats = dict(reply.stats)
+        stats = cast(PoolStats, dict(reply.stats))
         stats["local"] = {
             "pid": os.getpid(),
             "cache_hits": self.cache_hits,
@@ -771,7 +883,16 @@ class Pool:
         }
         return stats
 
-    def usage(self) -> dict[str, Any]:
+    def _ask_stats(
+        self, leases: int, leases_older_than: float | None
+    ) -> tuple[p.Message, list[int]]:
+        with self._conn.lock:
+            self._report_usage()
+            if leases != p.NO_LEASES and self._track is not None:
+                self._report_leases(leases_older_than)  # this process's, current
+            return self._conn.call(p.Stats(self._conn.next_req(), leases))
+
+    def usage(self) -> PoolUsage:
         """What this process uses of the pool, as it reports it to the manager.
 
         ``"requested"`` maps ``k`` to the bytes of the leases open in this
@@ -780,8 +901,8 @@ class Pool:
         sum: every lease counts, however it was made (acquired, attached,
         unpickled, a reader's share, a ``SharedBuffer``'s), from when it is
         made until its view is released (``release()``, a ``with`` block,
-        ``detach()``, ``share()``, pickling). One dropped without release
-        counts on, as its slot stays leased. ``"sizes"`` maps ``k`` to how
+        ``detach()``, ``share()``, pickling, or its garbage collection: it
+        gives its slot back then, with a ``ResourceWarning``). ``"sizes"`` maps ``k`` to how
         many ``acquire(size)`` calls with ``(size - 1).bit_length() == k``
         returned a lease since this connection began (not attaches). Only
         nonzero entries are listed. Read without the lock: a snapshot.
@@ -796,6 +917,37 @@ class Pool:
             "requested": {k: n for k, n in enumerate(requested) if n},
             "sizes": {k: c for k, c in enumerate(sizes) if c},
         }
+
+    def held_leases(self, older_than: float = 0.0) -> list[dict[str, Any]]:
+        """The leases of this pool open now and held ``older_than`` seconds or more.
+
+        Oldest first, one dict each: ``slot`` (``"segment:index"``),
+        ``size`` (bytes asked for), ``capacity``, ``age`` (seconds), and
+        ``where``: ``"file:line in function"`` of the acquire and its
+        callers, innermost first. Needs tracking (``track=True`` or
+        ``$SHMPOOL_TRACK``); only leases from ``acquire()`` are tracked.
+
+        Raises:
+            UsageError: this pool does not track its leases.
+        """
+        if self._track is None:
+            raise UsageError(
+                "this pool does not track its leases: connect with track=True "
+                f"or set {tracking.TRACK_VAR}=1 before connecting"
+            )
+        return self._track.entries(older_than)
+
+    def _report_leases(self, older_than: float | None = None) -> None:
+        """Send the manager this process's long-held leases if due (tracking; lock held).
+
+        ``older_than`` None: the janitor's report (``Tracker.report``); a
+        number: at once, for a Stats that asks for leases that old.
+        """
+        if self._track is None or not self._live():
+            return
+        report = self._track.report(self._conn.next_req, older_than)
+        if report is not None:
+            self._conn.send(p.encode(report), counted=False)
 
     def _report_usage(self, due_only: bool = False) -> None:
         """Send the manager a ``Usage`` if what this process uses changed (lock held).
@@ -867,8 +1019,15 @@ class Pool:
         """
         if not isinstance(handle, Handle):
             raise TypeError(f"attach() needs a shmpool.Handle, not {type(handle).__name__}")
-        if handle.instance != self.manager_instance:
-            raise StaleHandleError("this handle was issued by another manager")
+        if handle.instance != self._conn.instance and self._conn.can_reopen():
+            with self._conn.lock:  # a restarted manager's handle, maybe: reach it first
+                self._conn.ensure()
+        if handle.instance != self._conn.instance:
+            raise StaleHandleError(
+                "this handle was issued by another manager (or by an earlier run of this "
+                "one, since restarted); attach it in a process connected to the manager "
+                "that issued it, within its transit timeout"
+            )
         if not all(type(v) is int and 0 <= v <= p.MAX_ID for v in handle):
             raise StaleHandleError("this handle is forged: a field is out of range")
         _, segment, index, generation, sealed, length, capacity, readers = handle
@@ -949,7 +1108,7 @@ class Pool:
                 cache.clear()
             self._lending.forget()  # the manager settles lent slots by their words
             self._lookup = _Closed()
-            fast = self.__dict__.get("acquire")
+            fast = self._fast
             if fast is not None:
                 fast.lookup = []  # every call takes the slow path, which raises
             self._conn.close()  # a mapping a lease still exports stays until GC
@@ -957,7 +1116,7 @@ class Pool:
             self._janitor.wake()
         _POOLS.discard(self)
 
-    def __enter__(self) -> Pool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -1002,24 +1161,67 @@ def _wait_ms(timeout: float | None) -> int:
     return min(p.WAIT_DEFAULT - 1, math.ceil(timeout * 1000))
 
 
+def _leases_ms(older_than: float | None) -> int:
+    """``Stats.leases`` for ``stats(leases_older_than=...)``.
+
+    Raises:
+        TypeError, ValueError: not a number of seconds >= 0.
+    """
+    if older_than is None:
+        return p.NO_LEASES
+    if isinstance(older_than, bool) or not isinstance(older_than, numbers.Real):
+        raise TypeError(f"leases_older_than must be seconds or None, not {older_than!r}")
+    if not 0 <= float(older_than) <= p.MAX_LEASE_AGE_MS / 1000:
+        raise ValueError(f"leases_older_than must be >= 0 seconds, got {older_than}")
+    return int(float(older_than) * 1000)
+
+
 def _nonzero(counts: Iterable[int]) -> tuple[tuple[int, int], ...]:
     """The pairs ``(k, n)`` of ``counts`` whose ``n`` is not 0, as ``Usage`` carries them."""
     return tuple((k, n) for k, n in enumerate(counts) if n)
 
 
 def connect(
-    address: str | os.PathLike[str] | None = None, *, name: str = "", timeout: float = 30.0
+    address: str | os.PathLike[str] | None = None,
+    *,
+    name: str = "",
+    timeout: float = 30.0,
+    track: bool | None = None,
+    reconnect: bool | float = True,
 ) -> Pool:
     """Connect to a running manager.
 
     ``address`` defaults to ``$SHMPOOL_ADDRESS``, then to the address a plain
     ``shmpool serve`` uses. ``timeout`` bounds every wait for a reply.
+    ``track``: record where each lease is acquired (``Pool.held_leases()``;
+    default ``$SHMPOOL_TRACK``). ``reconnect``: after the manager exits or
+    dies, the next call reaches the manager restarted at the same address,
+    trying for ``RECONNECT_WAIT`` seconds (a number: that many; ``False``:
+    never, and the pool stays broken; see ``Pool``).
 
     Raises:
         ManagerGoneError: no manager listens there.
         AccessDeniedError: the manager refused this user.
     """
-    return Pool(address, name=name, timeout=timeout)
+    return Pool(address, name=name, timeout=timeout, track=track, reconnect=reconnect)
+
+
+def _reconnect_wait(reconnect: object) -> float:
+    """Seconds to try reaching a restarted manager for ``Pool(reconnect=...)`` (0: never).
+
+    Raises:
+        TypeError, ValueError: not a bool, nor a number of seconds >= 0.
+    """
+    if reconnect is True:
+        return RECONNECT_WAIT
+    if reconnect is False:
+        return 0.0
+    if not isinstance(reconnect, numbers.Real):
+        raise TypeError(f"reconnect must be a bool or seconds, not {type(reconnect).__name__}")
+    seconds = float(reconnect)
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"reconnect must be a bool or seconds >= 0, got {reconnect!r}")
+    return seconds
 
 
 def live_pools() -> list[Pool]:

@@ -21,6 +21,20 @@ Fork. A forked child must never talk through its parent's socket (the
 manager keys leases by connection, and replies would go to whichever process
 reads first); ``forget_parent`` drops it without shutting it down, and the
 next call opens the child's own.
+
+Restart. When the manager hangs up (end-of-file, a reset, a broken pipe: it
+exited, or was killed) the connection is broken like any lost one, and
+``hung_up`` says so. If ``reconnect`` allows, the next call that needs the
+manager (``ensure``) connects again to the same address (``reopen``), trying
+for ``reconnect`` seconds with growing pauses, and goes on with whatever
+manager answers there, provided it is another run (a new ``instance``) with
+the same size classes. What belonged to the old manager is dropped first:
+its segments are unmapped here (a mapping a lease still uses stays until that
+lease is gone: the kernel keeps the memory while it is mapped), and queued
+notices, claims and prefetches are forgotten; ``on_reconnected`` tells the
+pool. A manager that is still the same run (it closed this connection on
+purpose), one that does not answer in time, and a pool whose janitor failed
+are not reconnected: they break the pool for good, as without ``reconnect``.
 """
 
 from __future__ import annotations
@@ -57,6 +71,12 @@ _ANCBUF = socket.CMSG_SPACE(p.MAX_FDS * 4)
 #: What ``on_unasked`` gets: a decoded message and the descriptors that came with it.
 Unasked = Callable[[p.Message, list[int]], None]
 
+#: Seconds a pool tries to reach a restarted manager, by default (``reconnect=True``).
+RECONNECT_WAIT = 2.0
+#: The first pause between two tries; each pause doubles, up to ``RECONNECT_MAX_PAUSE``.
+RECONNECT_FIRST_PAUSE = 0.02
+RECONNECT_MAX_PAUSE = 0.5
+
 
 class _Segment:
     """A segment mapped in this process: its slots, and its ticket words if it has them."""
@@ -86,18 +106,29 @@ def _nothing() -> None:
     pass
 
 
+def _ignore_welcome(welcome: p.Welcome) -> None:
+    pass
+
+
 class Connection:
     """The socket to one manager and what lives and dies with it (see the module's doc)."""
 
     __slots__ = (
-        "address", "broken", "claims", "classes", "client_id", "closed", "instance", "lends",
-        "lock", "messages", "name", "notices", "on_forked", "on_lost", "on_notice",
-        "on_unasked", "pid", "prefetching", "req", "segments", "sock", "tickets_on", "timeout",
-        "token", "transit_timeout",
+        "address", "broken", "claims", "classes", "client_id", "closed", "hung_up", "instance",
+        "lends", "lock", "manager_pid", "messages", "name", "notices", "on_forked", "on_lost",
+        "on_notice", "on_reconnected", "on_unasked", "pid", "prefetching", "reconnect",
+        "reopen_failed", "req", "segments", "sock", "tickets_on", "timeout", "token",
+        "transit_timeout",
     )  # fmt: skip
 
-    def __init__(self, address: str, name: str, timeout: float, lends: bool) -> None:
+    def __init__(
+        self, address: str, name: str, timeout: float, lends: bool, reconnect: float = 0.0
+    ) -> None:
         self.address = address
+        self.reconnect = reconnect  # seconds to try reaching a restarted manager (0: never)
+        self.hung_up = False  # broken because the manager hung up: a restart may follow
+        self.reopen_failed = False  # the last reopen() found no manager: try once, not for long
+        self.manager_pid = 0
         self.lends = lends  # this process lends slots by their words (the C extension)
         self.name = name
         self.timeout = timeout
@@ -124,6 +155,7 @@ class Connection:
         self.on_lost: Callable[[], None] = _nothing
         self.on_notice: Callable[[], None] = _nothing
         self.on_forked: Callable[[], None] = self.forget_parent  # its owner's, which calls this
+        self.on_reconnected: Callable[[p.Welcome], None] = _ignore_welcome
 
     # ------------------------------------------------------------ state
 
@@ -160,6 +192,7 @@ class Connection:
         self.sock = sock
         self.pid = os.getpid()
         self.broken = None
+        self.hung_up = False
         hello = p.Hello(self.next_req(), p.VERSION, self.pid, self.name, int(self.lends))
         reply, fds = self.call(hello)
         close_fds(fds)
@@ -167,9 +200,10 @@ class Connection:
             raise self.gone(ProtocolError(f"expected Welcome, got {type(reply).__name__}"))
         if self.classes == (0, 0):
             self.classes = (reply.min_size, reply.max_size)
-            self.instance = reply.instance
         elif self.classes != (reply.min_size, reply.max_size):
             raise self.gone(ProtocolError("the manager's size classes changed"))
+        self.instance = reply.instance  # a new run after a restart (reopen)
+        self.manager_pid = reply.manager_pid
         self.client_id = reply.client_id
         self.tickets_on = bool(reply.tickets) and self.lends
         self.token = p.token_maker(reply.key)
@@ -187,11 +221,87 @@ class Connection:
         if self.pid != os.getpid():
             self.on_forked()  # a process forked without the at-fork hooks
         if self.broken is not None:
-            raise ManagerGoneError(str(self.broken))
+            if not self.can_reopen():
+                raise ManagerGoneError(str(self.broken))
+            self.reopen()
         if self.sock is None:
             self.open()
         assert self.sock is not None
         return self.sock
+
+    def can_reopen(self) -> bool:
+        """Whether ``ensure`` would try to reach a restarted manager (see the module's doc)."""
+        return self.hung_up and self.reconnect > 0 and not self.closed
+
+    def reopen(self) -> None:
+        """Connect to the manager that now listens at the address (the old one hung up).
+
+        Tries for ``reconnect`` seconds, pausing longer each time (once only
+        if the last reopen found nobody: each call should not wait that long
+        again). What belonged to the old manager is dropped first.
+
+        Raises:
+            ManagerGoneError: no manager answered in time (the next call tries
+                again), or the one there is the same run, has other size
+                classes, or refused this process (no more tries then).
+            AccessDeniedError: the new manager refused this process.
+        """
+        lost = str(self.broken)
+        self.forget_manager()
+        old = self.instance
+        deadline = time.monotonic() + (0.0 if self.reopen_failed else self.reconnect)
+        pause = RECONNECT_FIRST_PAUSE
+        while True:
+            try:
+                welcome = self.open()
+                break
+            except AccessDeniedError:
+                self.hung_up = False  # refused: no use trying again
+                raise
+            except ManagerGoneError as exc:
+                if not self.hung_up or time.monotonic() + pause > deadline:
+                    self.reopen_failed = self.hung_up
+                    raise self._not_reopened(lost, exc) from None
+            time.sleep(pause)
+            pause = min(2 * pause, RECONNECT_MAX_PAUSE)
+        if welcome.instance == old:  # the same run closed this connection: it meant to
+            self.hung_up = False
+            raise self.gone(ManagerGoneError(lost))
+        self.reopen_failed = False
+        self.on_reconnected(welcome)
+
+    def _not_reopened(self, lost: str, cause: ManagerGoneError) -> ManagerGoneError:
+        """The error of a ``reopen`` that found no manager to go on with (``broken`` then)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.hung_up:
+            err = ManagerGoneError(
+                f"{lost}; no manager answered at {self.address} since ({cause}); "
+                "the next call tries again"
+            )
+            self.broken = ManagerGoneError(lost)  # what the next try's error starts with
+        else:  # other size classes, or not a manager: no more tries
+            err = ManagerGoneError(f"{lost}; the manager now at {self.address}: {cause}")
+            self.broken = ManagerGoneError(str(err))
+        return err
+
+    def forget_manager(self) -> None:
+        """Drop what belonged to a manager that hung up: mappings, notices, prefetches.
+
+        A mapping that a lease (or a slice of one) still uses stays until
+        that is gone; nothing of it is reachable through this connection.
+        """
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        for segment in list(self.segments):
+            self.unmap(segment)
+        self.notices, self.claims = [], set()  # the new manager never lent or gave these
+        self.prefetching = {}
+        self.client_id = -1
+        self.tickets_on = False
+        self.token = _no_token
 
     def forget_parent(self) -> None:
         """In a forked child: drop the parent's socket, notices and mappings.
@@ -212,6 +322,7 @@ class Connection:
         self.client_id = -1  # until this process has its own connection
         self.lock = threading.Lock()
         self.broken = None
+        self.hung_up = self.reopen_failed = False
         self.notices, self.claims = [], set()  # the parent sends its own
         self.prefetching = {}
         self.segments = {}
@@ -269,7 +380,7 @@ class Connection:
                 ManagerGoneError(f"the manager did not take a request within {self.timeout} s")
             ) from None
         except OSError as exc:
-            raise self.gone(exc) from None
+            raise self.gone(exc, hung_up=True) from None
         if counted:
             self.messages += 1
         return sock
@@ -366,12 +477,13 @@ class Connection:
                     ManagerGoneError(f"the manager did not answer within {self.timeout} s")
                 ) from None
             except OSError as exc:
-                raise self.gone(exc) from None
+                raise self.gone(exc, hung_up=True) from None
         fds = _fds_from(ancdata)
         if not data:
             close_fds(fds)
             raise self.gone(
-                ManagerGoneError(f"the manager at {self.address} closed the connection")
+                ManagerGoneError(f"the manager at {self.address} closed the connection"),
+                hung_up=True,
             )
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             close_fds(fds)
@@ -382,8 +494,13 @@ class Connection:
             close_fds(fds)
             raise self.gone(exc) from None
 
-    def gone(self, cause: BaseException) -> ShmpoolError:
-        """Mark the connection dead (``on_lost`` is told); return the error to raise."""
+    def gone(self, cause: BaseException, hung_up: bool = False) -> ShmpoolError:
+        """Mark the connection dead (``on_lost`` is told); return the error to raise.
+
+        ``hung_up``: the manager ended the connection (it exited, was killed,
+        or closed it); the next call may reach a restarted one (``reopen``).
+        """
+        self.hung_up = hung_up
         if isinstance(cause, ShmpoolError) and not isinstance(cause, ProtocolError):
             err: ShmpoolError = cause
         else:

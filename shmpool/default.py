@@ -19,7 +19,10 @@ Children made by spawn or forkserver import this module afresh.
 
 Replacement. A pool that was closed, or that lost its manager, is replaced
 by a new connection on the next call, so a manager restarted at the same
-address is found again; otherwise the pool lives as long as the process.
+address is found again, whatever its size classes; otherwise the pool lives
+as long as the process. (A pool of one's own reaches a restarted manager by
+itself: ``Pool(reconnect=True)``; this one is replaced instead, which
+needs no wait and takes any size classes.)
 
 The address. ``set_default_address()``, else ``$SHMPOOL_ADDRESS``, else
 the fallback ``shmpool.gunicorn`` registers in a gunicorn master (it starts

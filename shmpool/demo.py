@@ -20,6 +20,7 @@ from typing import Any
 from .client import Pool, connect
 from .embedded import start
 from .report import balanced, format_stats
+from .statstypes import ClientStats, PoolStats
 
 __all__ = ["run"]
 
@@ -54,7 +55,7 @@ def _victim(address: str, holding: Any, never: Event) -> None:
     never.wait()  # until SIGKILL
 
 
-def _client(stats: dict[str, Any], pid: int) -> dict[str, Any] | None:
+def _client(stats: PoolStats, pid: int) -> ClientStats | None:
     return next((c for c in stats["clients"] if c["pid"] == pid), None)
 
 
@@ -93,17 +94,17 @@ def run(workers: int = 3, seconds: float = 1.5) -> int:
     return 0 if ok else 1
 
 
-def _wait_until_gone(pool: Pool, pid: int, timeout: float = 10.0) -> dict[str, Any]:
+def _wait_until_gone(pool: Pool, pid: int, timeout: float = 10.0) -> PoolStats:
     deadline = time.monotonic() + timeout
     while True:
-        stats: dict[str, Any] = pool.stats()
+        stats = pool.stats()
         if _client(stats, pid) is None or time.monotonic() > deadline:
             return stats
         time.sleep(0.01)
 
 
 def _report(
-    done: list[Any], before: dict[str, Any], after: dict[str, Any], final: dict[str, Any], pid: int
+    done: list[Any], before: PoolStats, after: PoolStats, final: PoolStats, pid: int
 ) -> bool:
     print("\n-- workers --")
     bad_total = 0

@@ -11,13 +11,13 @@ import subprocess
 import sys
 import time
 from types import TracebackType
-from typing import Any
 
 from .address import ENV_VAR, resolve, unique_address
 from .client import Pool
 from .envdefaults import serve_variables
 from .errors import ManagerGoneError, ShmpoolError
 from .sizeclass import Classes, parse_size
+from .statstypes import PoolStats
 
 __all__ = ["ManagerProcess", "check_idle_release", "start"]
 
@@ -43,8 +43,8 @@ class ManagerProcess:
         """A new client connection to this manager (``shmpool.connect(self.address)``)."""
         return Pool(self.address, name=name, timeout=timeout)
 
-    def stats(self) -> dict[str, Any]:
-        """The manager's statistics, through a short-lived connection."""
+    def stats(self) -> PoolStats:
+        """The manager's statistics, through a short-lived connection (``Pool.stats()``)."""
         with self.connect(name="stats") as pool:
             return pool.stats()
 

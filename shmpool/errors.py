@@ -6,6 +6,13 @@ protocol* (garbage on the socket). Everything else names a condition a caller
 may want to handle: the pool is full, the manager is gone, a handle is stale.
 Errors cross the wire as a code and a message, never as a traceback; ``CODES``
 maps each code to its class.
+
+Three of them are also the built-in exception a caller would catch without
+knowing shmpool: ``LeaseClosedError`` is a ``ValueError`` (as an operation on
+a closed file is), ``ManagerGoneError`` a ``ConnectionError`` (so an
+``OSError``), ``PoolExhaustedError`` a ``MemoryError``. Each still takes one
+argument, its message: ``ManagerGoneError(errno, text)`` would make an
+``OSError`` of another shape, so shmpool never builds one so.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ class UsageError(ShmpoolError):
     code = "usage"
 
 
-class LeaseClosedError(UsageError):
-    """The lease was released or detached; it can no longer be used."""
+class LeaseClosedError(UsageError, ValueError):
+    """The lease was released or detached; it can no longer be used (also a ``ValueError``)."""
 
     code = "lease_closed"
 
@@ -58,8 +65,8 @@ class AddressNotSetError(UsageError):
     code = "no_address"
 
 
-class PoolExhaustedError(ShmpoolError):
-    """No slot could be leased: the memory budget (or /dev/shm) is used up."""
+class PoolExhaustedError(ShmpoolError, MemoryError):
+    """No slot could be leased: the memory budget (or /dev/shm) is used up (a ``MemoryError``)."""
 
     code = "exhausted"
 
@@ -70,8 +77,8 @@ class QuotaExceededError(PoolExhaustedError):
     code = "quota"
 
 
-class ManagerGoneError(ShmpoolError):
-    """The manager cannot be reached, stopped answering, or closed the connection."""
+class ManagerGoneError(ShmpoolError, ConnectionError):
+    """The manager cannot be reached, stopped answering, or hung up (a ``ConnectionError``)."""
 
     code = "manager_gone"
 

@@ -141,7 +141,7 @@ class Lending:
             view = lease._view
             if view is None:
                 raise LeaseClosedError("this lease was released or detached already")
-            length = len(view)
+            length = lease._length  # len(view) fails once a racing release() released it
             ref = slot.ref
             segment, index, generation = ref
             # A share's token is made apart (_SHARE_TOKENS): the manager, which
@@ -234,7 +234,7 @@ class Lending:
                 # Its lender died and the manager gave the slot to us: ours to lend.
                 slot.home = self._home_of(slot.capacity)
             else:
-                length = len(view)
+                length = lease._length
                 word = lent_word(token, generation + 1)
                 _disown_or_undo(lease, seg.tickets, index, word, claimed)
         if not lent:

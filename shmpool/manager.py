@@ -68,6 +68,7 @@ from .errors import (
     StaleHandleError,
     TooManyClientsError,
 )
+from .leasereport import LeaseReports
 from .segment import ShmSegment, sweep_orphans
 from .sizeclass import Classes, format_size, parse_size
 
@@ -251,6 +252,8 @@ class Manager:
         # pidfd -> connection id, for connections closed while their process runs
         self._quarantined: dict[int, int] = {}
         self._stats_waiting: list[tuple[_Peer, int]] = []
+        self._lease_reports = LeaseReports()  # tracking clients' long-held leases
+        self._stats_leases: dict[tuple[int, int], int] = {}  # (peer, req) -> Stats.leases
         self._stats_due = 0.0  # no Stats reply is built before this
         self._refused: dict[int, tuple[socket.socket, float]] = {}
         self._next_id = 1
@@ -660,7 +663,11 @@ class Manager:
                 self._attaching.append((peer, msg, time.monotonic() + ATTACH_WAIT))
         elif isinstance(msg, p.Stats):
             arena.note_message(peer.id)
+            if msg.leases != p.NO_LEASES:
+                self._stats_leases[peer.id, msg.req] = msg.leases
             self._stats_request(peer, msg.req)
+        elif isinstance(msg, p.Leases):  # bookkeeping, like Usage: not counted in messages
+            self._lease_reports.note(peer.id, msg)
         elif isinstance(msg, p.Usage):  # bookkeeping, not a request: not counted in messages
             arena.note_usage(peer.id, msg.requested, msg.sizes)
 
@@ -1046,13 +1053,20 @@ class Manager:
         started = time.monotonic()
         stats = self.stats()
         for peer, req in waiting:
-            self._send(peer, p.encode(p.StatsReply(req, stats)))
+            self._send(peer, p.encode(p.StatsReply(req, self._with_leases(stats, peer, req))))
         done = time.monotonic()
         self._stats_due = done + STATS_DUTY * (done - started)
         for peer, _ in waiting:
             if peer.stats_wait:
                 peer.stats_wait = False
                 self._watch(peer)
+
+    def _with_leases(self, stats: dict[str, Any], peer: _Peer, req: int) -> dict[str, Any]:
+        """``stats``, plus the long-held leases if this request asked for them."""
+        older_than = self._stats_leases.pop((peer.id, req), None)
+        if older_than is None:
+            return stats
+        return {**stats, "leases": self._lease_reports.section(older_than, self._peers)}
 
     def stats(self) -> dict[str, Any]:
         """The arena's statistics plus the manager's own identity."""

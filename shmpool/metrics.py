@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -351,7 +351,7 @@ def _value(value: float) -> str:
 # ------------------------------------------------------ reading the stats
 
 
-def without_client(stats: dict[str, Any], name: str, pid: int | None = None) -> dict[str, Any]:
+def without_client(stats: Mapping[str, Any], name: str, pid: int | None = None) -> dict[str, Any]:
     """``stats`` less the connections of process ``pid`` (default: ours) named ``name``.
 
     For a tool's own short-lived connection (``shmpool stats``, a scrape),

@@ -20,7 +20,8 @@ Rules:
   the manager ``Recall``s idle slots from other clients.
 - The manager may send ``Recall`` (req 0) at any time after ``Welcome``.
 - A client reports what it uses (``Usage``: bytes of its open leases, and the
-  sizes it asked for) now and then; it gets no reply.
+  sizes it asked for) now and then; it gets no reply. One that tracks its
+  leases also reports those held long (``Leases``, no reply).
 - Every field is checked for type and range when a message is built, so a
   decoded message is always well formed; ``decode`` turns anything else,
   whatever the bytes, into ``ProtocolError``.
@@ -79,6 +80,8 @@ __all__ = [
     "Error",
     "Grant",
     "Hello",
+    "LeaseRecord",
+    "Leases",
     "Message",
     "Notice",
     "Notices",
@@ -491,15 +494,98 @@ class Attach(_SlotToken):
         return cls(items[0], SlotRef.from_wire(items[1]), *items[2:])
 
 
+#: ``Stats.leases`` when the reply should not list long-held leases.
+NO_LEASES = -1
+
+
 @dataclass(frozen=True, slots=True)
 class Stats(_Message):
-    """Ask for the manager's statistics."""
+    """Ask for the manager's statistics.
+
+    ``leases`` (milliseconds), when not ``NO_LEASES``: also list the leases
+    that tracking clients reported held at least that long (``"leases"``).
+    It is sent only then, so ``[type, req]`` stays the plain request.
+    """
 
     TYPE: ClassVar[int] = 4
     req: int
+    leases: int = NO_LEASES
 
     def __post_init__(self) -> None:
         _int(self.req, "req")
+        _int(self.leases, "leases", NO_LEASES, MAX_LEASE_AGE_MS)
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req] + ([] if self.leases == NO_LEASES else [self.leases])
+
+
+#: Most records in one ``Leases`` report, frames in one record's ``where``,
+#: and characters in one frame: a full report stays far below ``MAX_REQUEST``.
+MAX_LEASE_RECORDS = 16
+MAX_LEASE_FRAMES = 4
+MAX_FRAME_TEXT = 160
+#: Ages beyond this (about 35 years, in ms) are refused as nonsense.
+MAX_LEASE_AGE_MS = 2**40
+
+
+class LeaseRecord(NamedTuple):
+    """One long-held lease in a ``Leases`` report: its slot, its length, its age, where."""
+
+    segment: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index on purpose
+    size: int
+    age_ms: int
+    where: tuple[str, ...]  # "file:line in function", innermost first
+
+    @classmethod
+    def from_wire(cls, items: Any) -> LeaseRecord:
+        if not isinstance(items, (list, tuple)) or len(items) != 5:
+            raise ValueError("a lease record is [segment, index, size, age_ms, [where...]]")
+        segment, index, size, age_ms, where = items
+        _int(segment, "segment")
+        _int(index, "index")
+        _int(size, "size", 0, MAX_BUFFER)
+        _int(age_ms, "age_ms", 0, MAX_LEASE_AGE_MS)
+        if type(where) not in (list, tuple) or len(where) > MAX_LEASE_FRAMES:
+            raise ValueError(f"where must be a list of at most {MAX_LEASE_FRAMES} frames")
+        for frame in where:
+            _text(frame, "where")
+            if len(frame) > MAX_FRAME_TEXT:
+                raise ValueError(f"a frame of where is longer than {MAX_FRAME_TEXT} characters")
+        return cls(segment, index, size, age_ms, tuple(where))
+
+
+@dataclass(frozen=True, slots=True)
+class Leases(_Message):
+    """The long-held leases of a client that tracks them (no reply).
+
+    ``held``: how many leases it holds open that it tracks; ``records``: the
+    oldest of those held long, at most ``MAX_LEASE_RECORDS``. Each report
+    replaces the client's previous one; ages are as of sending.
+    """
+
+    TYPE: ClassVar[int] = 11
+    req: int
+    held: int
+    records: tuple[LeaseRecord, ...] = ()
+
+    def __post_init__(self) -> None:
+        _int(self.req, "req")
+        _int(self.held, "held", 0, MAX_ID)
+        recs = self.records
+        if type(recs) not in (list, tuple) or len(recs) > MAX_LEASE_RECORDS:
+            raise ValueError(f"records must be a list of at most {MAX_LEASE_RECORDS}")
+        object.__setattr__(self, "records", tuple(LeaseRecord.from_wire(r) for r in recs))
+        if len(self.records) > self.held:
+            raise ValueError("more records than leases held")
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.TYPE,
+            self.req,
+            self.held,
+            [[r.segment, r.index, r.size, r.age_ms, list(r.where)] for r in self.records],
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,6 +782,7 @@ Message = (
     | Attach
     | Stats
     | Usage
+    | Leases
     | Welcome
     | Grant
     | Ok
@@ -716,6 +803,7 @@ _TYPES: dict[int, type[Any]] = {
         Attach,
         Stats,
         Usage,
+        Leases,
         Welcome,
         Grant,
         Ok,
@@ -724,9 +812,9 @@ _TYPES: dict[int, type[Any]] = {
         Recall,
     )
 }
-REQUESTS = (Hello, Acquire, Release, Return, Notices, Share, Attach, Stats, Usage)
+REQUESTS = (Hello, Acquire, Release, Return, Notices, Share, Attach, Stats, Usage, Leases)
 #: Requests that get no reply when they succeed.
-NO_REPLY = (Return, Notices, Share, Usage)
+NO_REPLY = (Return, Notices, Share, Usage, Leases)
 REPLIES = (Welcome, Grant, Ok, StatsReply, Error, Recall)
 
 _pack = msgpack.Packer(use_bin_type=True).pack

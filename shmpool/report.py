@@ -8,6 +8,7 @@ every line shows what the dict has and leaves out what it has not, so
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .sizeclass import format_size
@@ -29,7 +30,7 @@ _BYTE_COLUMNS = (("committed", 9), ("leased", 9), ("requested", 9), ("eff", 6))
 _CLASS_BYTE_KEYS = ("committed_bytes", "leased_bytes", "requested_bytes")
 
 
-def format_stats(stats: dict[str, Any]) -> str:
+def format_stats(stats: Mapping[str, Any]) -> str:
     """A readable table of a ``Pool.stats()`` dict.
 
     Shows memory committed against the budget, its peak, the bytes leased
@@ -56,7 +57,7 @@ def efficiency(committed: Any, requested: Any) -> str:
     return f"{committed / requested:.2f}x"
 
 
-def balanced(stats: dict[str, Any]) -> bool:
+def balanced(stats: Mapping[str, Any]) -> bool:
     """True if every class satisfies ``total == free + leased`` (+ in transit)."""
     return all(
         c["total"] == c["free"] + c["leased"] + c.get("in_transit", 0) for c in stats["classes"]
@@ -92,7 +93,7 @@ def _size(value: Any) -> str:
     return format_size(value) if isinstance(value, int) else "-"
 
 
-def _headline(stats: dict[str, Any]) -> str:
+def _headline(stats: Mapping[str, Any]) -> str:
     mgr = stats.get("manager", {})
     head = f"manager pid {mgr.get('pid', '?')} at {mgr.get('address', '?')}:"
     limit = _size(stats.get("memory_limit"))
@@ -106,7 +107,7 @@ def _headline(stats: dict[str, Any]) -> str:
     )
 
 
-def _memory_lines(stats: dict[str, Any]) -> list[str]:
+def _memory_lines(stats: Mapping[str, Any]) -> list[str]:
     """Leased, requested, efficiency and idle release; then the acquire sizes."""
     parts = [
         f"{label} {format_size(stats[key])}"
@@ -126,7 +127,7 @@ def _memory_lines(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _sizes_line(stats: dict[str, Any]) -> str:
+def _sizes_line(stats: Mapping[str, Any]) -> str:
     """The acquire-size histogram in one line: its percentiles and its ends."""
     hist = request_histogram(stats)
     if not hist:
@@ -144,7 +145,7 @@ def _sizes_line(stats: dict[str, Any]) -> str:
     return line
 
 
-def _class_table(stats: dict[str, Any]) -> list[str]:
+def _class_table(stats: Mapping[str, Any]) -> list[str]:
     classes = stats.get("classes", [])
     with_bytes = any(key in c for c in classes for key in _CLASS_BYTE_KEYS)
     with_transit = any("in_transit" in c for c in classes)
@@ -183,7 +184,7 @@ def _oversize_line(over: dict[str, Any]) -> str:
     return line
 
 
-def _client_lines(stats: dict[str, Any]) -> list[str]:
+def _client_lines(stats: Mapping[str, Any]) -> list[str]:
     """One line per client, its whole name shown (made printable), then the cache counters."""
     clients = stats.get("clients", [])
     omitted = stats.get("clients_omitted", 0)
@@ -204,7 +205,7 @@ def _client_lines(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _cache_lines(stats: dict[str, Any]) -> list[str]:
+def _cache_lines(stats: Mapping[str, Any]) -> list[str]:
     """The cache counters of all clients together, and of the asking process (``local``)."""
     clients = stats.get("clients", [])
     lines = []
@@ -235,7 +236,7 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-def format_summary(stats: dict[str, Any]) -> str:
+def format_summary(stats: Mapping[str, Any]) -> str:
     """The stats in one line, for a log (``shmpool serve`` on SIGHUP)."""
     classes = stats.get("classes", [])
     over = stats.get("oversize", {})

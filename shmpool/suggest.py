@@ -47,7 +47,7 @@ The rules, with their thresholds as constants below:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +127,7 @@ class Suggestion:
         }
 
 
-def suggest(stats: dict[str, Any]) -> Suggestion:
+def suggest(stats: Mapping[str, Any]) -> Suggestion:
     """Propose ``min_size``, ``max_size`` and ``memory`` from ``stats``.
 
     ``stats`` is a ``Pool.stats()`` dict. Without ``request_sizes`` (an older
@@ -167,7 +167,7 @@ def suggest(stats: dict[str, Any]) -> Suggestion:
     return Suggestion(min_size, max_size, memory, tuple(reasons), total, current)
 
 
-def request_histogram(stats: dict[str, Any]) -> list[tuple[int, int]] | None:
+def request_histogram(stats: Mapping[str, Any]) -> list[tuple[int, int]] | None:
     """``stats["request_sizes"]`` as sorted ``(size, count)`` pairs, counts > 0.
 
     ``None`` when the stats have no histogram. Sizes that are not a power of
@@ -214,7 +214,7 @@ def exact_size(n: int) -> str:
 
 
 def _max_size(
-    hist: list[tuple[int, int]], total: int, stats: dict[str, Any]
+    hist: list[tuple[int, int]], total: int, stats: Mapping[str, Any]
 ) -> tuple[int, list[str]]:
     """Rule 2: cover ``MAX_COVER_PERCENT`` of requests; keep heavy sizes pooled."""
     cover = covering(hist, MAX_COVER_PERCENT)
@@ -249,7 +249,7 @@ def _max_size(
     return best, reasons
 
 
-def _busiest_class(stats: dict[str, Any]) -> tuple[int, int, int]:
+def _busiest_class(stats: Mapping[str, Any]) -> tuple[int, int, int]:
     """The largest class holding ``HEAVY_PERCENT`` of the leased class bytes now.
 
     Returns (its size or 0, its leased bytes, all leased class bytes).
@@ -292,7 +292,7 @@ def _min_size(hist: list[tuple[int, int]], total: int) -> tuple[int, list[str]]:
     ]
 
 
-def _memory(stats: dict[str, Any], max_size: int) -> tuple[int, str]:
+def _memory(stats: Mapping[str, Any], max_size: int) -> tuple[int, str]:
     """Rule 4: the peak plus headroom, at least what is in use now, in whole MiB."""
     if "peak_committed_bytes" in stats:
         peak, what = int(stats["peak_committed_bytes"]), "the peak of committed bytes"

@@ -95,6 +95,10 @@ SAMPLES: list[Any] = [
     Usage(14),
     Usage(15, ((12, 4096), (0, 1)), ((48, MAX_ID),)),
     Usage(16, tuple((k, k) for k in range(49)), tuple((k, 1) for k in range(49))),
+    p.Leases(17, 0),
+    p.Leases(18, 40, tuple(p.LeaseRecord(k, k, k, k, ("f.py:1 in g",) * 4) for k in range(16))),
+    Stats(19, 0),
+    Stats(20, p.MAX_LEASE_AGE_MS),
 ]
 
 
@@ -502,7 +506,9 @@ WRONG_SHAPES: list[tuple[str, Any]] = [
     ("str req", [4, "0"]),
     ("bool req", [66, False]),
     ("nil req", [66, None]),
-    ("stats extra", [4, 0, 0]),
+    ("stats extra", [4, 0, 0, 0]),
+    ("stats leases negative", [4, 0, -2]),
+    ("leases record short", [11, 0, 1, [[1, 2, 3, 4]]]),
     ("ok extra", [66, 0, 1]),
     ("hello extra", [1, 0, 1, 1, "n", "extra"]),
     ("hello too few", [1, 0, 1]),

@@ -212,8 +212,12 @@ def test_a_view_its_user_released_still_counts_out(pool: shmpool.Pool) -> None:
     with lease.view as view:  # releases the lease's own view on exit
         view[0] = 1
     assert requested(pool) == {9: 300}
+    assert (lease.size, len(lease)) == (300, 300)  # not read off the released view
+    assert "size=300" in repr(lease)
     lease.release()
     assert requested(pool) == {}
+    with pytest.raises(shmpool.LeaseClosedError):
+        len(lease)
 
 
 @pytest.mark.timeout(60)
