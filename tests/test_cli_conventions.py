@@ -336,11 +336,19 @@ def test_top_live_until_the_manager_goes(tmp_path: Path) -> None:
     assert err_text.splitlines()[-1].startswith("shmpool top: ") and "Traceback" not in err_text
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_top_ends_on_ctrl_c(manager: shmpool.ManagerProcess, tmp_path: Path) -> None:
     out_path = tmp_path / "top.out"
     with open(out_path, "wb") as out:
         cmd = shmpool_cmd("top", "--interval", "0.05", "--address", manager.address)
-        top = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=child_env())
+        # SIGINT as a terminal gives it: a shell that runs pytest in the
+        # background (no job control) has it ignored, and the child would inherit that
+        top = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.PIPE, env=child_env(), preexec_fn=_default_sigint
+        )
     try:
         wait_for(lambda: "shmpool top - manager" in out_path.read_text())
         top.send_signal(signal.SIGINT)
