@@ -343,6 +343,56 @@ def test_cli_leases_refuses_other_formats(manager: shmpool.ManagerProcess) -> No
     assert done.returncode == 2 and "--leases" in done.stderr
 
 
+def _drop_in_a_worker(address: str, conn: Any) -> None:
+    """Receive a lease, acquire one, drop both unreleased, give the cache back, report."""
+    import warnings
+
+    with shmpool.connect(address, name="dropper", track=True) as pool:
+        got = conn.recv()  # handed over by the parent: unpickled into this pool
+        text = bytes(got.view[:4])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mine = _acquire_here(pool)
+            del got, mine
+            gc.collect()
+        buffer.return_dropped()  # a slot queued while a lock was held (none here) goes too
+        pool.trim()
+        warned = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        conn.send((text, warned, pool.usage()["requested_bytes"]))
+        conn.recv()  # the parent has seen every slot free while this pool is still open
+
+
+def test_leases_dropped_in_a_worker_come_back_while_it_lives(
+    pool: shmpool.Pool, manager: shmpool.ManagerProcess, mp_context: Any
+) -> None:
+    ours, theirs = mp_context.Pipe()
+    child = mp_context.Process(target=_drop_in_a_worker, args=(manager.address, theirs))
+    child.start()
+    theirs.close()
+    try:
+        lease = pool.acquire(SIZE)
+        lease.view[:4] = b"gift"
+        ours.send(lease)  # pickling hands the slot over
+        assert ours.poll(MP_TIMEOUT)
+        text, warned, requested = ours.recv()
+        assert text == b"gift" and requested == 0
+        assert len(warned) == 2 and all("went back" in w for w in warned)
+        (tracked,) = [w for w in warned if "acquired at" in w]
+        assert "in _acquire_here" in tracked
+        pool.trim()
+        # The worker is alive and connected: its exit cannot be what freed the slots.
+        wait_for(lambda: all_returned(manager.stats()))
+        assert child.is_alive()
+        ours.send(None)
+        child.join(MP_TIMEOUT)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():  # pragma: no cover - a failure above
+            child.kill()
+            child.join()
+        ours.close()
+
+
 # ------------------------------------------------------------ hostile reports
 
 
