@@ -159,7 +159,9 @@ def _case_posix_ipc(n: int) -> Loop:
 def _case_smm(n: int) -> Loop:
     def loop(iters: int) -> int:
         done = min(iters, 20)  # each segment lives until its manager shuts down
-        with SharedMemoryManager() as smm:
+        # Its server process comes from the forkserver (3.14's default): the
+        # bench's own threads (a queue's feeder) make a plain fork unsafe.
+        with SharedMemoryManager(ctx=mp.get_context("forkserver")) as smm:
             t = _perf()
             for _ in range(done):
                 smm.SharedMemory(n).close()
@@ -396,6 +398,12 @@ class _Handoff:
             self.conn.send(None)
         self.proc.join(30)
         self.conn.close()
+        if self.queue is not None:
+            # Its feeder thread would outlive the case, and the forks after it
+            # (the stats spammer) would fork a multi-threaded process: a
+            # DeprecationWarning on 3.12+.
+            self.queue.close()
+            self.queue.join_thread()
 
 
 # ------------------------------------------------------- memory that moves
