@@ -399,9 +399,8 @@ class _Handoff:
         self.proc.join(30)
         self.conn.close()
         if self.queue is not None:
-            # Its feeder thread would outlive the case, and the forks after it
-            # (the stats spammer) would fork a multi-threaded process: a
-            # DeprecationWarning on 3.12+.
+            # Its feeder thread would outlive the case: close and join it, so
+            # that the bench leaves no thread of its own running.
             self.queue.close()
             self.queue.join_thread()
 
@@ -909,7 +908,10 @@ def _stats_spam(address: str, requests: int) -> tuple[float, float]:
 
 
 def _spammed(address: str, requests: int) -> tuple[float, float]:
-    ctx = mp.get_context("fork")
+    # Spawned, not forked: the pools' janitor threads run here, and a fork
+    # stops them for at most a second (a loaded machine can take longer), so
+    # Python 3.12+ could warn of a fork with threads. Its start is not timed.
+    ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     spammer = ctx.Process(target=_stats_spammer, args=(address, ready, stop), daemon=True)
     try:
