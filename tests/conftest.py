@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import multiprocessing.forkserver
@@ -10,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -62,6 +64,29 @@ def shm_names() -> set[str]:
 def open_fds() -> set[int]:
     """This process's descriptors (``mmap`` holds one per mapped segment before 3.13)."""
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@contextlib.contextmanager
+def piped_child(
+    ctx: Any, target: Callable[..., object], *args: Any
+) -> Iterator[tuple[Connection, Any]]:
+    """Start ``target(*args, their_end)`` in a process of ``ctx``; yield (our end, process).
+
+    The child gets its end of a pipe as its last argument. On the way out a
+    child still running (the test failed before it ended) is killed, and our
+    end is closed; checking the exit code is the test's job.
+    """
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=target, args=(*args, theirs))
+    child.start()
+    theirs.close()
+    try:
+        yield ours, child
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+        ours.close()
 
 
 def client_entries(stats: dict[str, Any], pid: int) -> list[dict[str, Any]]:

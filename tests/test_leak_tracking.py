@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import MP_TIMEOUT, all_returned, wait_for
+from conftest import MP_TIMEOUT, all_returned, piped_child, wait_for
 from test_faults import RawClient
 
 import shmpool
@@ -365,11 +365,7 @@ def _drop_in_a_worker(address: str, conn: Any) -> None:
 def test_leases_dropped_in_a_worker_come_back_while_it_lives(
     pool: shmpool.Pool, manager: shmpool.ManagerProcess, mp_context: Any
 ) -> None:
-    ours, theirs = mp_context.Pipe()
-    child = mp_context.Process(target=_drop_in_a_worker, args=(manager.address, theirs))
-    child.start()
-    theirs.close()
-    try:
+    with piped_child(mp_context, _drop_in_a_worker, manager.address) as (ours, child):
         lease = pool.acquire(SIZE)
         lease.view[:4] = b"gift"
         ours.send(lease)  # pickling hands the slot over
@@ -386,11 +382,6 @@ def test_leases_dropped_in_a_worker_come_back_while_it_lives(
         ours.send(None)
         child.join(MP_TIMEOUT)
         assert child.exitcode == 0
-    finally:
-        if child.is_alive():  # pragma: no cover - a failure above
-            child.kill()
-            child.join()
-        ours.close()
 
 
 # ------------------------------------------------------------ hostile reports

@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import MP_TIMEOUT, all_returned, assert_balanced, client_entries, wait_for
+from conftest import (
+    MP_TIMEOUT,
+    all_returned,
+    assert_balanced,
+    client_entries,
+    piped_child,
+    wait_for,
+)
 
 import shmpool
 from shmpool.address import unique_address
@@ -269,11 +276,7 @@ def test_a_child_of_the_new_manager_hands_a_lease_to_a_pool_that_lost_the_old(
         kill(first)
     with start(address) as second, pool:
         wait_for(lambda: not pool._live())  # the janitor saw the old manager go
-        ours, theirs = mp_context.Pipe()
-        child = mp_context.Process(target=_send_a_lease, args=(address, theirs))
-        child.start()
-        theirs.close()
-        try:
+        with piped_child(mp_context, _send_a_lease, address) as (ours, child):
             assert ours.poll(MP_TIMEOUT)
             lease = ours.recv()  # unpickling reconnects our pool to the new manager
             assert pool._live() and pool.manager_pid == second.pid
@@ -282,10 +285,5 @@ def test_a_child_of_the_new_manager_hands_a_lease_to_a_pool_that_lost_the_old(
             ours.send(None)
             child.join(MP_TIMEOUT)
             assert child.exitcode == 0
-        finally:
-            if child.is_alive():  # pragma: no cover - a failure above
-                child.kill()
-                child.join()
-            ours.close()
         pool.close()
         wait_for(lambda: all_returned(second.stats()))
